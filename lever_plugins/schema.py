@@ -50,7 +50,8 @@ def setting(
         help: one line shown by ``lever-plugins list`` and in the README recipe reference.
         default_factory: for mutable defaults.
         ge, gt, le, lt: numeric bounds, checked on construction and in recipes.
-        path: ``"file"`` or ``"dir"`` when the value is a local path that must exist when used.
+        path: ``"file"`` or ``"dir"`` when the value is a local path that must exist when used
+            (``package:relative/path`` names a file shipped inside lever_plugins).
     """
     metadata = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "path": path}
     if default_factory is not _MISSING:
@@ -234,6 +235,18 @@ def from_mapping(cls: type, data: Any, path: str, problems: list[str]) -> Any:
     return obj
 
 
+PACKAGE_PREFIX = "package:"
+
+
+def expand_path(value: str) -> str:
+    """Expand ``~`` and the ``package:`` prefix (a file shipped inside lever_plugins)."""
+    value = str(value)
+    if value.startswith(PACKAGE_PREFIX):
+        package_root = os.path.dirname(os.path.abspath(__file__))
+        return os.path.join(package_root, value[len(PACKAGE_PREFIX):])
+    return os.path.expanduser(value)
+
+
 def path_problems(obj: Any, path: str) -> list[str]:
     """Problems for every ``path=`` setting in ``obj`` (recursively) that names a missing file/dir."""
     out: list[str] = []
@@ -246,12 +259,22 @@ def path_problems(obj: Any, path: str) -> list[str]:
         kind = f.metadata.get("path")
         if not kind or not value:
             continue
-        expanded = os.path.expanduser(str(value))
+        expanded = expand_path(value)
         if kind == "file" and not os.path.isfile(expanded):
             out.append(f"{key_path}: file not found: {value}")
         elif kind == "dir" and not os.path.isdir(expanded):
             out.append(f"{key_path}: directory not found: {value}")
     return out
+
+
+def absolutise_paths(obj: Any) -> None:
+    """Make every relative ``path=`` setting of ``obj`` (recursively) absolute against the working dir."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            absolutise_paths(value)
+        elif f.metadata.get("path") and isinstance(value, str) and value and not value.startswith(PACKAGE_PREFIX):
+            object.__setattr__(obj, f.name, os.path.abspath(os.path.expanduser(value)))
 
 
 def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:

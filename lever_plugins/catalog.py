@@ -1,0 +1,118 @@
+"""The plugin catalogue: every LAVIS name we register, what it is, and the settings it reads.
+
+Pure data, importable without torch or LAVIS: ``lever-plugins list`` / ``validate`` read it, and
+``lever_plugins.registry`` imports each ``target`` and registers it into LAVIS.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from lever_plugins.schema import RecipeError, suggest
+
+CONFIG_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+Kind = Literal["model", "task", "dataset", "runner", "lr_scheduler"]
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    kind: Kind
+    name: str  # the LAVIS registry name (all start with ``lever_``)
+    target: str  # "module:attribute" of the class to register
+    purpose: str
+    settings: Optional[str] = None  # "module:Class" of the settings dataclass (recipe schema)
+    recipe_block: str = ""  # where in a recipe the settings live
+    model_types: tuple[str, ...] = field(default=())  # for models: presets under configs/models/
+
+    def load(self):
+        module_name, attribute = self.target.split(":")
+        return getattr(importlib.import_module(module_name), attribute)
+
+    def settings_class(self) -> Optional[type]:
+        if self.settings is None:
+            return None
+        module_name, attribute = self.settings.split(":")
+        return getattr(importlib.import_module(module_name), attribute)
+
+
+PLUGINS: tuple[PluginSpec, ...] = (
+    PluginSpec(
+        kind="model",
+        name="lever_blip2_cir",
+        target="lever_plugins.models.blip2_cir:Blip2CirModel",
+        purpose="BLIP-2 Q-Former composed image retrieval (SPRC-style) with optional GatedFusionModule",
+        settings="lever_plugins.schemas.cir:Blip2CirSettings",
+        recipe_block="model",
+        model_types=("tiny", "pretrain"),
+    ),
+    PluginSpec(
+        kind="dataset",
+        name="lever_cirr",
+        target="lever_plugins.datasets.builders:CirrBuilder",
+        purpose="CIRR triplets + split galleries from the released layout (or the generated shapes demo)",
+        settings="lever_plugins.schemas.cir:CirrDatasetSettings",
+        recipe_block="datasets.lever_cirr",
+    ),
+    PluginSpec(
+        kind="task",
+        name="lever_composed_retrieval",
+        target="lever_plugins.tasks.composed_retrieval:ComposedRetrievalTask",
+        purpose="train with itc+rtc+align; validate CIRR Recall@K / Recall_subset@K; export test1 submissions",
+        settings="lever_plugins.schemas.cir:ComposedRetrievalRunSettings",
+        recipe_block="run",
+    ),
+    PluginSpec(
+        kind="runner",
+        name="lever_runner",
+        target="lever_plugins.runners.runner:LeverRunner",
+        purpose="LAVIS RunnerBase that also works on CPU and torchrun/gloo, resumes, logs CSV/JSONL",
+        recipe_block="run.runner",
+    ),
+    PluginSpec(
+        kind="lr_scheduler",
+        name="lever_onecycle_lr",
+        target="lever_plugins.runners.schedulers:OneCycleLRScheduler",
+        purpose="one-cycle schedule over all training steps (SPRC's schedule)",
+        recipe_block="run.lr_sched",
+    ),
+    PluginSpec(
+        kind="lr_scheduler",
+        name="lever_multistep_lr",
+        target="lever_plugins.runners.schedulers:MultiStepLRScheduler",
+        purpose="lr x lr_gamma at each epoch in lr_milestones (LAPS's schedule)",
+        recipe_block="run.lr_sched",
+    ),
+)
+
+
+def plugins(kind: Optional[str] = None) -> list[PluginSpec]:
+    return [p for p in PLUGINS if kind is None or p.kind == kind]
+
+
+def get_plugin(kind: str, name: str, *, where: str = "") -> PluginSpec:
+    """The spec of ``name``; a :class:`RecipeError` with the known names and a did-you-mean otherwise."""
+    known = [p.name for p in plugins(kind)]
+    for spec in plugins(kind):
+        if spec.name == name:
+            return spec
+    location = f"{where}: " if where else ""
+    raise RecipeError([f"{location}unknown {kind} {name!r}{suggest(name, known)}; known: {', '.join(known)}"])
+
+
+def model_config_path(arch: str, model_type: str) -> str:
+    """Absolute path of the default YAML of ``arch`` at preset ``model_type``."""
+    spec = get_plugin("model", arch, where="model.arch")
+    if model_type not in spec.model_types:
+        raise RecipeError(
+            [f"model.model_type: unknown preset {model_type!r} for {arch}{suggest(model_type, spec.model_types)}; "
+             f"known: {', '.join(spec.model_types)}"]
+        )
+    return os.path.join(CONFIG_ROOT, "models", f"{arch}_{model_type}.yaml")
+
+
+def dataset_config_path(name: str) -> str:
+    get_plugin("dataset", name, where=f"datasets.{name}")
+    return os.path.join(CONFIG_ROOT, "datasets", f"{name}.yaml")

@@ -1,0 +1,135 @@
+"""``lever-plugins``: run, validate and list plugin recipes.
+
+``--help``, ``validate`` and ``list`` import neither torch nor LAVIS; ``run`` imports them only after
+the recipe has been validated.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional, Sequence
+
+import click
+
+from lever_plugins import __version__, catalog
+from lever_plugins.schema import RecipeError, describe
+
+EXIT_BAD_INPUT = 2
+
+
+def _fail(exc: Exception, debug: bool) -> None:
+    if debug:
+        raise exc
+    problems = getattr(exc, "problems", None) or [str(exc)]
+    source = getattr(exc, "source", None)
+    for problem in problems:
+        click.echo(f"error: {source + ': ' if source else ''}{problem}", err=True)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lever-plugins")
+def main() -> None:
+    """Research plugins for LAVIS / BLIP-2, switched on from YAML recipes."""
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a recipe key (value parsed as YAML); repeatable")
+@click.option("--no-check-paths", is_flag=True, help="do not check that data/weight paths exist")
+@click.option("--debug", is_flag=True, help="show tracebacks")
+def validate(recipe: str, overrides: Sequence[str], no_check_paths: bool, debug: bool) -> None:
+    """Check RECIPE against every plugin's schema without building anything."""
+    from lever_plugins.recipes import load_recipe
+
+    try:
+        resolved = load_recipe(recipe, overrides, check_paths=not no_check_paths)
+    except RecipeError as exc:
+        _fail(exc, debug)
+        return
+    click.echo(f"{recipe}: OK (model {resolved.data['model']['arch']}/{resolved.data['model']['model_type']}, "
+               f"task {resolved.data['run']['task']}, datasets {', '.join(resolved.data['datasets'])})")
+
+
+@main.command(name="list")
+@click.option("--keys/--no-keys", default=True, help="show the recipe keys each plugin reads")
+def list_plugins(keys: bool) -> None:
+    """List every registered plugin: kind, name, class, purpose and recipe keys."""
+    for spec in catalog.PLUGINS:
+        click.echo(f"{spec.kind:<12} {spec.name:<26} {spec.target}")
+        click.echo(f"{'':<12} {spec.purpose}")
+        if spec.model_types:
+            click.echo(f"{'':<12} model_type: {' | '.join(spec.model_types)}")
+        cls = spec.settings_class()
+        if keys and cls is not None:
+            click.echo(f"{'':<12} reads {spec.recipe_block}:")
+            for key, type_name, default, help_text in describe(cls):
+                click.echo(f"{'':<14} {key} ({type_name}, default {default}): {help_text}")
+        elif spec.recipe_block:
+            click.echo(f"{'':<12} selected by {spec.recipe_block}")
+        click.echo("")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a recipe key (value parsed as YAML); repeatable")
+@click.option("--dry-run", is_flag=True, help="print the resolved recipe and what each plugin attaches where; build nothing heavy")
+@click.option("--resume", is_flag=True, help="continue from the last checkpoint in run.output_dir")
+@click.option("--overwrite", is_flag=True, help="start afresh even if run.output_dir already holds a run (old files are moved aside)")
+@click.option("--nproc", type=int, default=1, show_default=True, help="processes on this machine (torch.distributed, gloo on CPU / nccl on GPU)")
+@click.option("--debug", is_flag=True, help="show tracebacks")
+def run(recipe: str, overrides: Sequence[str], dry_run: bool, resume: bool, overwrite: bool, nproc: int, debug: bool) -> None:
+    """Train and evaluate from RECIPE (LAVIS's Config -> task -> datasets -> model -> runner)."""
+    from lever_plugins.recipes import load_recipe
+
+    try:
+        resolved = load_recipe(recipe, overrides, check_paths=not dry_run)
+    except RecipeError as exc:
+        _fail(exc, debug)
+        return
+    if dry_run:
+        from lever_plugins.launch import describe_plan
+
+        click.echo(resolved.to_yaml())
+        click.echo(describe_plan(resolved))
+        return
+    if nproc < 1:
+        _fail(RecipeError([f"--nproc: expected >= 1, got {nproc}"]), debug)
+    from lever_plugins.launch import LaunchError, launch
+
+    try:
+        launch(resolved, resume=resume, overwrite=overwrite, nproc=nproc, debug=debug)
+    except (RecipeError, LaunchError) as exc:
+        _fail(exc, debug)
+
+
+@main.command()
+def doctor() -> None:
+    """Say what is installed, whether LAVIS imports, and how to fix what does not."""
+    from lever_plugins.doctor import report
+
+    ok = report(click.echo)
+    sys.exit(0 if ok else 1)
+
+
+@main.command(name="gate-maps")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--checkpoint", default=None, help="checkpoint file (default: RUN_DIR/checkpoint_best.pth)")
+@click.option("--split", default="val", show_default=True)
+@click.option("-n", "--num", "num_queries", type=int, default=8, show_default=True, help="queries to draw")
+@click.option("--out", "out_dir", default=None, help="output folder (default: RUN_DIR/gate_maps)")
+@click.option("--debug", is_flag=True, help="show tracebacks")
+def gate_maps(run_dir: str, checkpoint: Optional[str], split: str, num_queries: int, out_dir: Optional[str], debug: bool) -> None:
+    """Save per-patch gate heat-maps of a trained gated-fusion run over its reference images."""
+    from lever_plugins.launch import LaunchError, save_gate_maps_for_run
+
+    try:
+        paths = save_gate_maps_for_run(run_dir, checkpoint=checkpoint, split=split, num_queries=num_queries, out_dir=out_dir)
+    except (RecipeError, LaunchError) as exc:
+        _fail(exc, debug)
+        return
+    click.echo(f"wrote {len(paths)} gate maps to {os.path.dirname(paths[0]) if paths else out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""LAVIS dataset builders for our plugins (registered by ``lever_plugins.registry``).
+
+They build from local files only: no ``cache_root``, no download step. The builder's config node is
+validated against the dataset's settings dataclass, so a mistyped key fails instead of being ignored.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from lever_plugins import catalog
+from lever_plugins.compat import import_lavis
+from lever_plugins.schema import RecipeError, expand_path, from_mapping
+from lever_plugins.schemas.cir import CirrDatasetSettings
+
+import_lavis()
+
+from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder  # noqa: E402
+
+from lever_plugins.runners import distributed as lever_dist  # noqa: E402
+from lever_plugins.tasks.base import to_plain  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+def _validated(settings_cls: type, cfg: Any, name: str):
+    problems: list[str] = []
+    settings = from_mapping(settings_cls, to_plain(cfg) or {}, f"datasets.{name}", problems)
+    if problems:
+        raise RecipeError(problems)
+    return settings
+
+
+class CirrBuilder(BaseDatasetBuilder):
+    """``lever_cirr``: CIRR triplets; val/test datasets carry their split's gallery as ``.gallery``."""
+
+    DATASET_CONFIG_DICT = {"default": catalog.dataset_config_path("lever_cirr")}
+
+    def __init__(self, cfg=None):
+        super().__init__(cfg)
+        self.settings: CirrDatasetSettings = _validated(CirrDatasetSettings, self.config, "lever_cirr")
+
+    def build_datasets(self):
+        from lever_plugins.datasets.cirr import CirrGalleryDataset, CirrTripletDataset
+        from lever_plugins.datasets.transforms import cir_image_transform
+
+        settings = self.settings
+        root = expand_path(settings.root)
+        if settings.generate_demo:
+            from lever_plugins.datasets.demo_cirr import generate_demo_cirr
+
+            if lever_dist.is_main_process():
+                generate_demo_cirr(root, image_size=settings.image_size)
+            lever_dist.barrier()
+        datasets = {}
+        for split in settings.splits:
+            train = split == "train"
+            transform = cir_image_transform(settings.image_size, settings.target_ratio, train=train)
+            dataset = CirrTripletDataset(root, split, transform, load_target_image=True if train else False)
+            limit = settings.max_train_samples if train else settings.max_eval_samples
+            if limit is not None:
+                dataset.triplets = dataset.triplets[:limit]
+            if not train:
+                dataset.gallery = CirrGalleryDataset(root, split, transform)
+            datasets[split] = dataset
+            logger.info("lever_cirr %s: %d triplets", split, len(dataset))
+        return datasets

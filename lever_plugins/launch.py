@@ -1,0 +1,235 @@
+"""What ``lever-plugins run`` does after the recipe validated: prepare the output dir, then run LAVIS's
+own sequence (Config -> setup_task -> build_datasets -> build_model -> runner.train()).
+
+Also used by ``torchrun ... -m lever_plugins.cli run RECIPE`` (every rank calls it; rank 0 prepares the
+output directory, the others wait) and by ``--nproc N`` (which re-launches itself under
+``torch.distributed.run`` on this machine).
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+from typing import Optional
+
+from lever_plugins.recipes import ResolvedRecipe
+from lever_plugins.schema import RecipeError
+
+RECIPE_FILE = "recipe.yaml"
+CHILD_ENV = "LEVER_PLUGINS_CHILD"
+RUN_MARKERS = (RECIPE_FILE, "checkpoint_last.pth", "checkpoint_best.pth", "metrics.jsonl")
+
+
+class LaunchError(RuntimeError):
+    """A problem found before or while running (bad output dir, missing data, non-finite loss...)."""
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def prepare_output_dir(resolved: ResolvedRecipe, *, resume: bool, overwrite: bool) -> str:
+    """Check ``run.output_dir`` and write the resolved recipe there; returns the dir.
+
+    An output dir that already holds a run is refused unless ``resume`` (continue it) or ``overwrite``
+    (its files are moved to a timestamped sibling, never deleted).
+    """
+    output_dir = resolved.output_dir()
+    site_packages = [p for p in sys.path if p.endswith("site-packages")]
+    if any(os.path.commonpath([output_dir, p]) == p for p in site_packages if os.path.isdir(p)):
+        raise LaunchError(f"run.output_dir: {output_dir} is inside site-packages; choose a directory of your own")
+    existing = [m for m in RUN_MARKERS if os.path.exists(os.path.join(output_dir, m))]
+    if existing and not (resume or overwrite):
+        raise LaunchError(
+            f"run.output_dir: {output_dir} already holds a run ({', '.join(existing)}); "
+            "pass --resume to continue it or --overwrite to start afresh (old files are kept aside)"
+        )
+    if existing and overwrite and not resume:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        aside = f"{output_dir.rstrip(os.sep)}.old-{stamp}"
+        shutil.move(output_dir, aside)
+        logging.getLogger(__name__).warning("moved the previous run in %s to %s", output_dir, aside)
+    os.makedirs(output_dir, exist_ok=True)
+    _atomic_write(os.path.join(output_dir, RECIPE_FILE), resolved.to_yaml())
+    return output_dir
+
+
+def _setup_logging(output_dir: str, is_main: bool) -> None:
+    level = logging.INFO if is_main else logging.WARNING
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if is_main:
+        handlers.append(logging.FileHandler(os.path.join(output_dir, "run.log"), encoding="utf-8"))
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
+    for noisy in ("PIL", "matplotlib", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_pipeline(recipe_path: str, *, resume: bool = False):
+    """LAVIS's training sequence on a resolved recipe file; returns the runner."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="timm")
+    import lever_plugins.registry  # noqa: F401  (registers our names, imports LAVIS)
+    from lavis.common.config import Config
+    from lavis.common.registry import registry
+    import lavis.tasks as lavis_tasks
+
+    from lever_plugins.runners import distributed as lever_dist
+
+    cfg = Config(SimpleNamespace(cfg_path=recipe_path, options=[f"run.resume={str(bool(resume)).lower()}"]))
+    run_cfg = cfg.run_cfg
+    run_cfg.distributed = lever_dist.is_initialized()
+    run_cfg.world_size = lever_dist.world_size()
+    _seed_everything(int(run_cfg.seed) + lever_dist.rank())
+    task = lavis_tasks.setup_task(cfg)
+    datasets = task.build_datasets(cfg)
+    model = task.build_model(cfg)
+    runner_cls = registry.get_runner_class(run_cfg.runner)
+    runner = runner_cls(cfg=cfg, job_id="", task=task, model=model, datasets=datasets)
+    runner.train()
+    return runner
+
+
+def launch(resolved: ResolvedRecipe, *, resume: bool, overwrite: bool, nproc: int = 1, debug: bool = False) -> None:
+    """Run a validated recipe here (one process, or this rank of torchrun), or spawn ``nproc`` ranks."""
+    from lever_plugins.runners import distributed as lever_dist
+
+    resume = resume or bool(resolved.data["run"].get("resume"))
+    if nproc > 1 and not lever_dist.launched_by_torchrun():
+        output_dir = prepare_output_dir(resolved, resume=resume, overwrite=overwrite)
+        _spawn(os.path.join(output_dir, RECIPE_FILE), nproc=nproc, resume=resume, debug=debug)
+        return
+    lever_dist.init_from_env(device=resolved.data["run"].get("device", "auto"))
+    problem: Optional[str] = None
+    output_dir = resolved.output_dir()
+    if os.environ.get(CHILD_ENV) != "1" and lever_dist.is_main_process():
+        try:
+            prepare_output_dir(resolved, resume=resume, overwrite=overwrite)
+        except LaunchError as exc:
+            problem = str(exc)
+    problem = lever_dist.broadcast_object(problem)
+    if problem:
+        raise LaunchError(problem)
+    _setup_logging(output_dir, lever_dist.is_main_process())
+    try:
+        run_pipeline(os.path.join(output_dir, RECIPE_FILE), resume=resume)
+    except Exception as exc:
+        if debug:
+            raise
+        raise LaunchError(_describe_failure(exc, output_dir)) from exc
+
+
+def _describe_failure(exc: Exception, output_dir: str) -> str:
+    from lever_plugins.tasks.base import NonFiniteLoss
+
+    if isinstance(exc, (NonFiniteLoss, RecipeError, FileNotFoundError, ValueError, KeyError, RuntimeError)):
+        text = str(exc) if not isinstance(exc, RecipeError) else "; ".join(exc.problems)
+        return f"{type(exc).__name__}: {text} (outputs so far are kept in {output_dir}; rerun with --debug for a traceback)"
+    return f"{type(exc).__name__}: {exc} (rerun with --debug for a traceback)"
+
+
+def _spawn(recipe_path: str, *, nproc: int, resume: bool, debug: bool) -> None:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "lever_plugins.cli", "run", recipe_path, "--resume" if resume else "--overwrite",
+    ]
+    if debug:
+        command.append("--debug")
+    env = dict(os.environ, **{CHILD_ENV: "1"})
+    completed = subprocess.run(command, env=env)
+    if completed.returncode != 0:
+        raise LaunchError(f"{nproc} training processes failed (exit code {completed.returncode}); see the output above")
+
+
+def describe_plan(resolved: ResolvedRecipe) -> str:
+    """What each plugin attaches where, with parameter counts (nothing is built)."""
+    from lever_plugins.schemas.gated_fusion import gated_fusion_parameter_count
+
+    model = resolved.data["model"]
+    lines = [f"# plan: model {model['arch']} ({model['model_type']}), task {resolved.data['run']['task']}, "
+             f"runner {resolved.data['run']['runner']}"]
+    if model["arch"] == "lever_blip2_cir":
+        vision_width = model["vision"]["width"]
+        text_width = model["qformer"]["hidden_size"]
+        if model["use_gated_fusion"]:
+            count = gated_fusion_parameter_count(vision_width, text_width)
+            lines.append(
+                f"#   gated_fusion: GatedFusionModule(hidden_size={vision_width}, text_width={text_width}, "
+                f"num_heads={model['gated_fusion']['num_heads']}) on the reference-image tokens (after ln_vision, "
+                f"before the Q-Former fusion pass), training and retrieval alike: {count:,} parameters"
+            )
+        else:
+            lines.append("#   gated_fusion: off (use_gated_fusion: false) - the SPRC baseline")
+    for name, block in resolved.data["datasets"].items():
+        lines.append(f"#   dataset {name}: root {block.get('root')} splits {block.get('splits')}")
+    lines.append(f"#   outputs: {resolved.output_dir()}")
+    return "\n".join(lines)
+
+
+def save_gate_maps_for_run(
+    run_dir: str, *, checkpoint: Optional[str] = None, split: str = "val", num_queries: int = 8,
+    out_dir: Optional[str] = None,
+) -> list:
+    """Gate heat-maps of a trained gated-fusion run over its reference images."""
+    import torch
+    from PIL import Image
+
+    from lever_plugins.recipes import load_recipe
+
+    run_dir = os.path.abspath(run_dir)
+    recipe_path = os.path.join(run_dir, RECIPE_FILE)
+    if not os.path.isfile(recipe_path):
+        raise LaunchError(f"{run_dir}: no {RECIPE_FILE}; expected the output dir of a lever-plugins run")
+    resolved = load_recipe(recipe_path)
+    if not resolved.data["model"].get("use_gated_fusion"):
+        raise LaunchError(f"{recipe_path}: model.use_gated_fusion is false; there is no gate to draw")
+    checkpoint = checkpoint or os.path.join(run_dir, "checkpoint_best.pth")
+    if not os.path.isfile(checkpoint):
+        raise LaunchError(f"checkpoint not found: {checkpoint}")
+    import lever_plugins.registry  # noqa: F401
+    from lever_plugins.datasets.cirr import CirrTripletDataset, load_cirr_image
+    from lever_plugins.datasets.transforms import cir_image_transform
+    from lever_plugins.models.blip2_cir import Blip2CirModel
+    from lever_plugins.schema import expand_path
+    from lever_plugins.visualize import save_gate_heatmaps
+
+    model = Blip2CirModel.from_config(resolved.data["model"])
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model.load_state_dict(state.get("model", state), strict=False)
+    model.eval()
+    dataset_block = next(iter(resolved.data["datasets"].values()))
+    transform = cir_image_transform(dataset_block["image_size"], dataset_block["target_ratio"])
+    dataset = CirrTripletDataset(expand_path(dataset_block["root"]), split, transform, load_target_image=False)
+    count = min(num_queries, len(dataset))
+    items = [dataset[i] for i in range(count)]
+    images = torch.stack([item["reference_image"] for item in items])
+    texts = [item["text_input"] for item in items]
+    with torch.no_grad():
+        gates = model.gate_maps(images, texts)
+    size = model.settings.vision.image_size
+    pictures = [
+        load_cirr_image(dataset.image_paths[item["reference_name"]], "gate-maps").convert("RGB").resize((size, size))
+        for item in items
+    ]
+    names = [f"{item['pair_id']}_{item['text_input'][:40].replace(' ', '_')}" for item in items]
+    grid = size // model.settings.vision.patch_size
+    return save_gate_heatmaps(gates, pictures, names, out_dir or os.path.join(run_dir, "gate_maps"),
+                              grid_size=(grid, grid), has_cls=True)

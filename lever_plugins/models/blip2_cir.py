@@ -1,0 +1,253 @@
+"""``lever_blip2_cir``: BLIP-2 Q-Former composed image retrieval with an optional gated-fusion plugin.
+
+Follows the SPRC recipe (SPEC §5), written anew:
+
+* fusion pass: the query tokens cross-attend the reference-image tokens while self-attending with the
+  modification-text tokens; a second, image-free pass reads the fused query outputs as a prompt
+  followed by the text, and the text [CLS] (first position after the prompt) -> ``text_proj`` is the
+  fusion feature ``f`` (B, E);
+* target side: queries over the target-image tokens -> ``vision_proj`` -> ``t`` (B, Q, E);
+  similarity ``s(f, t) = max_q <f, t_q>``;
+* losses: ``itc`` (in-batch cross-entropy over s / temperature), ``rtc`` (learnable prompt tokens +
+  text, no image, against the same targets), ``align`` (MSE between the mean fused query output and
+  the detached mean prompt); ``loss = itc + w_rtc * rtc + w_align * align``.
+
+With ``use_gated_fusion`` the reference-image tokens are first updated by
+:class:`~lever_plugins.modules.gated_fusion.GatedFusionModule` conditioned on
+``Qformer.bert.embeddings(text)``. Training and retrieval share :meth:`fusion_features`, so the gate is
+applied identically in both; at initialisation the module is the identity, so the plugin changes
+nothing until it is trained.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lever_plugins import catalog
+from lever_plugins.models.blip2_components import (
+    build_qformer,
+    build_tokenizer,
+    build_vision_encoder,
+    freeze,
+    init_query_branch_from_text,
+    load_checked,
+    load_torch_file,
+    without_cross_attention,
+)
+from lever_plugins.modules.gated_fusion import GatedFusionModule
+from lever_plugins.schema import RecipeError
+from lever_plugins.schemas.cir import Blip2CirSettings
+
+from lavis.models.base_model import BaseModel  # noqa: E402  (LAVIS imported by blip2_components)
+
+logger = logging.getLogger(__name__)
+
+# Weights this model has that a BLIP-2 pretrain checkpoint does not.
+CIR_NEW_KEYS = ("prompt_tokens",)
+PLUGIN_KEYS = ("gated_fusion.",)
+# BLIP-2 checkpoint weights this model does not use.
+BLIP2_UNUSED_KEYS = ("itm_head.",)
+
+
+class Blip2CirModel(BaseModel):
+    """BLIP-2 composed image retrieval model (registered as ``lever_blip2_cir``).
+
+    Build it from settings (``Blip2CirModel(settings)``) or from a recipe's ``model:`` block
+    (``Blip2CirModel.from_config(cfg)``, as LAVIS does).
+    """
+
+    PRETRAINED_MODEL_CONFIG_DICT = {
+        name: os.path.join(catalog.CONFIG_ROOT, "models", f"lever_blip2_cir_{name}.yaml")
+        for name in catalog.get_plugin("model", "lever_blip2_cir").model_types
+    }
+
+    def __init__(self, settings: Blip2CirSettings):
+        super().__init__()
+        self.settings = settings
+        self.tokenizer = build_tokenizer(settings.qformer)
+        self.visual_encoder, self.ln_vision = build_vision_encoder(settings.vision)
+        if settings.vision.freeze:
+            freeze(self.visual_encoder)
+        self.Qformer, self.query_tokens = build_qformer(settings.qformer, settings.vision.width, len(self.tokenizer))
+        init_query_branch_from_text(self.Qformer)
+        hidden = settings.qformer.hidden_size
+        self.vision_proj = nn.Linear(hidden, settings.embed_dim)
+        self.text_proj = nn.Linear(hidden, settings.embed_dim)
+        self.temp = nn.Parameter(settings.temperature_init * torch.ones([]))
+        self.prompt_tokens = nn.Parameter(torch.zeros(1, settings.qformer.num_query_token, hidden))
+        self.prompt_tokens.data.normal_(mean=0.0, std=self.Qformer.config.initializer_range)
+        self.max_txt_len = settings.max_txt_len
+        self.use_gated_fusion = settings.use_gated_fusion
+        self.gated_fusion: Optional[GatedFusionModule] = None
+        if settings.use_gated_fusion:
+            self.gated_fusion = GatedFusionModule.from_settings(
+                settings.gated_fusion, hidden_size=settings.vision.width, text_width=hidden
+            )
+        if settings.pretrained:
+            self.load_pretrained(settings.pretrained)
+        if settings.finetuned:
+            load_checked(self, load_torch_file(settings.finetuned), settings.finetuned, allowed_missing=self._frozen_keys())
+
+    # ----------------------------------------------------------------------------------- building
+    @classmethod
+    def from_config(cls, cfg: Any) -> "Blip2CirModel":
+        """Build from a LAVIS/OmegaConf ``model:`` node or a plain mapping; every key is validated."""
+        from lever_plugins.recipes import resolve_model_block
+
+        block = _plain(cfg)
+        problems: list[str] = []
+        settings = resolve_model_block(block, problems)
+        if problems:
+            raise RecipeError(problems)
+        return cls(settings)
+
+    def load_pretrained(self, path: str) -> None:
+        """Load a BLIP-2 checkpoint; only this model's new keys (and the ViT if loaded separately) may be missing."""
+        allowed = CIR_NEW_KEYS + PLUGIN_KEYS
+        if self.settings.vision.checkpoint:
+            allowed += ("visual_encoder.",)
+        load_checked(self, load_torch_file(path), path, allowed_missing=allowed, ignored_unexpected=BLIP2_UNUSED_KEYS)
+
+    def _frozen_keys(self) -> tuple[str, ...]:
+        # Runner checkpoints omit frozen weights (as LAVIS's do), so they may be missing there.
+        return ("visual_encoder.",) if self.settings.vision.freeze else ()
+
+    def train(self, mode: bool = True) -> "Blip2CirModel":
+        super().train(mode)
+        if self.settings.vision.freeze:
+            self.visual_encoder.eval()  # a frozen ViT keeps its eval behaviour (drop-path off)
+        return self
+
+    def plugin_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.gated_fusion.parameters()) if self.gated_fusion is not None else 0
+
+    # ----------------------------------------------------------------------------------- encoders
+    def tokenize(self, texts: Sequence[str]) -> Any:
+        return self.tokenizer(
+            list(texts), padding="max_length", truncation=True, max_length=self.max_txt_len, return_tensors="pt"
+        ).to(self.device)
+
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` -> ``(B, 1 + patches, vision_width)`` (ViT + ln_vision)."""
+        context = torch.no_grad() if self.settings.vision.freeze else contextlib.nullcontext()
+        with context:
+            tokens = self.visual_encoder(images.to(self.device))
+        return self.ln_vision(tokens.float() if tokens.dtype != torch.float32 else tokens)
+
+    def fused_image_tokens(self, image_embeds: torch.Tensor, text_tokens: Any, return_gate: bool = False):
+        """Reference-image tokens after the gated-fusion plugin (unchanged when it is off)."""
+        if self.gated_fusion is None:
+            return (image_embeds, None) if return_gate else image_embeds
+        text_embeds = self.Qformer.bert.embeddings(input_ids=text_tokens.input_ids)
+        return self.gated_fusion(image_embeds, text_embeds, text_tokens.attention_mask, return_gate=return_gate)
+
+    def fusion_features(
+        self, reference_images: torch.Tensor, texts: Sequence[str], return_parts: bool = False
+    ) -> Any:
+        """Composed query features ``(B, E)`` (L2-normalised) for reference images + modification texts.
+
+        The one path used by training and retrieval. With ``return_parts`` also returns the fused query
+        outputs (for the align loss), the text tokens and the per-token gate (or None).
+        """
+        text_tokens = self.tokenize(texts)
+        image_embeds = self.image_tokens(reference_images)
+        image_embeds, gate = self.fused_image_tokens(image_embeds, text_tokens, return_gate=True)
+        batch = image_embeds.shape[0]
+        query_tokens = self.query_tokens.expand(batch, -1, -1)
+        num_query = query_tokens.shape[1]
+        query_atts = torch.ones(query_tokens.shape[:-1], dtype=torch.long, device=self.device)
+        attention_mask = torch.cat([query_atts, text_tokens.attention_mask], dim=1)
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
+        fusion_output = self.Qformer.bert(
+            text_tokens.input_ids,
+            query_embeds=query_tokens,
+            attention_mask=attention_mask,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_atts,
+            return_dict=True,
+        )
+        fused_queries = fusion_output.last_hidden_state[:, :num_query, :]
+        with without_cross_attention(self.Qformer):
+            text_output = self.Qformer.bert(
+                text_tokens.input_ids, query_embeds=fused_queries, attention_mask=attention_mask, return_dict=True
+            )
+        features = F.normalize(self.text_proj(text_output.last_hidden_state[:, num_query, :]), dim=-1)
+        if return_parts:
+            return features, fused_queries, text_tokens, attention_mask, gate
+        return features
+
+    def target_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Per-query target features ``(B, Q, E)`` (L2-normalised)."""
+        image_embeds = self.image_tokens(images)
+        query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
+        output = self.Qformer.bert(
+            query_embeds=query_tokens, encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts, return_dict=True
+        )
+        return F.normalize(self.vision_proj(output.last_hidden_state), dim=-1)
+
+    @staticmethod
+    def similarity(query_features: torch.Tensor, target_features: torch.Tensor) -> torch.Tensor:
+        """``(B_q, E)`` x ``(B_t, Q, E)`` -> ``(B_q, B_t)``: max over the target's query features."""
+        return torch.einsum("be,tqe->btq", query_features, target_features).max(dim=-1).values
+
+    def gate_maps(self, reference_images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """Per-image-token gate ``(B, N)`` (CLS first) of the plugin for visualisation."""
+        if self.gated_fusion is None:
+            raise RuntimeError("gate maps need model.use_gated_fusion: true")
+        text_tokens = self.tokenize(texts)
+        _, gate = self.fused_image_tokens(self.image_tokens(reference_images), text_tokens, return_gate=True)
+        return gate
+
+    # ----------------------------------------------------------------------------------- training
+    def forward(self, samples: Mapping[str, Any]) -> dict:
+        """Training losses for a batch of triplets.
+
+        Args:
+            samples: ``reference_image`` (B, 3, H, W), ``target_image`` (B, 3, H, W), ``text_input`` list[str].
+
+        Returns:
+            dict with ``loss`` (what LAVIS's runner back-propagates) and ``loss_itc``, ``loss_rtc``,
+            ``loss_align`` for logging.
+        """
+        for key in ("reference_image", "target_image", "text_input"):
+            if key not in samples:
+                raise KeyError(f"lever_blip2_cir.forward: batch has no {key!r} (got {sorted(samples)})")
+        fusion_feats, fused_queries, text_tokens, attention_mask, _ = self.fusion_features(
+            samples["reference_image"], samples["text_input"], return_parts=True
+        )
+        target_feats = self.target_features(samples["target_image"])
+        targets = torch.arange(fusion_feats.shape[0], device=self.device)
+        loss_itc = F.cross_entropy(self.similarity(fusion_feats, target_feats) / self.temp, targets)
+
+        prompt_tokens = self.prompt_tokens.expand(fusion_feats.shape[0], -1, -1)
+        num_query = prompt_tokens.shape[1]
+        with without_cross_attention(self.Qformer):
+            prompt_output = self.Qformer.bert(
+                text_tokens.input_ids, query_embeds=prompt_tokens, attention_mask=attention_mask, return_dict=True
+            )
+        prompt_feats = F.normalize(self.text_proj(prompt_output.last_hidden_state[:, num_query, :]), dim=-1)
+        loss_rtc = F.cross_entropy(self.similarity(prompt_feats, target_feats) / self.temp, targets)
+        loss_align = F.mse_loss(fused_queries.mean(dim=1), prompt_tokens.detach().mean(dim=1))
+
+        loss = loss_itc + self.settings.loss_rtc_weight * loss_rtc + self.settings.loss_align_weight * loss_align
+        return {"loss": loss, "loss_itc": loss_itc.detach(), "loss_rtc": loss_rtc.detach(), "loss_align": loss_align.detach()}
+
+
+def _plain(cfg: Any) -> dict:
+    """An OmegaConf node or mapping as a plain dict."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover - omegaconf always comes with LAVIS
+        pass
+    return dict(cfg)
+

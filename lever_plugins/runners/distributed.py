@@ -1,0 +1,76 @@
+"""torch.distributed set-up that also works on CPU (gloo), for one process and under torchrun.
+
+LAVIS's ``init_distributed_mode`` hard-codes nccl and ``torch.cuda.set_device``; this one picks gloo on
+CPU and nccl on GPU, reads torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) and does
+nothing in a plain single process.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_from_env(device: str = "auto", timeout_s: int = 1800) -> bool:
+    """Initialise the default process group from torchrun's env vars; True if distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return True
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) < 2:
+        return False
+    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend=backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s))
+    return True
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    """Average scalar values over ranks (identity in one process)."""
+    if not is_initialized() or not values:
+        return dict(values)
+    keys = sorted(values)
+    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    tensor /= world_size()
+    return {k: float(v) for k, v in zip(keys, tensor.tolist())}
+
+
+def broadcast_object(obj):
+    """``obj`` from rank 0 on every rank."""
+    if not is_initialized():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]

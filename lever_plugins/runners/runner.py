@@ -1,0 +1,458 @@
+"""``lever_runner``: LAVIS's ``RunnerBase`` made to work on CPU, on GPU and under torchrun/gloo.
+
+What it changes relative to LAVIS 1.0.2's runner (SPEC §8) and why:
+
+* the model is moved and wrapped once (the stock ``model`` property returns None on CPU) and DDP is
+  built with ``device_ids=None`` on CPU;
+* plain DataLoaders (the stock ``PrefetchLoader`` creates a CUDA stream), with a seeded shuffle per
+  epoch so a resumed run sees the same batches as an uninterrupted one;
+* ``dist.barrier()`` only when a process group exists;
+* outputs go to ``run.output_dir`` itself (absolute; never inside site-packages, no job-id subfolder),
+  so that ``--resume`` finds them;
+* checkpoints are written atomically and hold model, optimiser, scaler, epoch, best metric and RNG
+  states; ``checkpoint_last.pth`` is the resume point, ``checkpoint_best.pth`` is chosen on ``val``;
+* per-epoch metrics go to ``metrics.jsonl`` and ``metrics.csv`` (and TensorBoard when installed);
+  LAVIS's ``log.txt`` is kept for familiarity.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import logging
+import os
+import random
+import time
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lever_plugins.compat import import_lavis
+
+import_lavis()
+
+from lavis.common.registry import registry  # noqa: E402
+from lavis.runners.runner_base import RunnerBase  # noqa: E402
+
+from lever_plugins.runners import distributed as lever_dist  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+LAST_CHECKPOINT = "checkpoint_last.pth"
+BEST_CHECKPOINT = "checkpoint_best.pth"
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict:
+    """RNG states in types ``torch.load(weights_only=True)`` accepts (no numpy objects)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class LeverRunner(RunnerBase):
+    """Registered as ``lever_runner``; selected by ``run.runner`` in a recipe."""
+
+    def __init__(self, cfg, task, model, datasets, job_id):
+        super().__init__(cfg, task, model, datasets, job_id)
+        self.best_agg_metric: Optional[float] = None
+        self.best_epoch: Optional[int] = None
+        self.global_step = 0
+
+    # ------------------------------------------------------------------------------ set-up
+    @property
+    def run_cfg(self):
+        return self.config.run_cfg
+
+    @property
+    def device(self) -> torch.device:
+        if self._device is None:
+            requested = self.run_cfg.get("device", "auto")
+            if requested == "auto":
+                requested = "cuda" if torch.cuda.is_available() else "cpu"
+            if requested == "cuda" and lever_dist.is_initialized():
+                requested = f"cuda:{lever_dist.local_rank()}"
+            self._device = torch.device(requested)
+        return self._device
+
+    @property
+    def use_distributed(self) -> bool:
+        return lever_dist.is_initialized() and lever_dist.world_size() > 1
+
+    @property
+    def model(self):
+        if self._wrapped_model is None:
+            self._model = self._model.to(self.device)
+            if self.use_distributed:
+                device_ids = [self.device.index] if self.device.type == "cuda" else None
+                self._wrapped_model = DDP(self._model, device_ids=device_ids, find_unused_parameters=False)
+            else:
+                self._wrapped_model = self._model
+        return self._wrapped_model
+
+    def setup_output_dir(self):
+        output_dir = os.path.abspath(os.path.expanduser(self.run_cfg.output_dir))
+        result_dir = os.path.join(output_dir, "result")
+        os.makedirs(result_dir, exist_ok=True)
+        registry.mapping["paths"]["result_dir"] = result_dir
+        registry.mapping["paths"]["output_dir"] = output_dir
+        from pathlib import Path
+
+        self.output_dir = Path(output_dir)
+        self.result_dir = Path(result_dir)
+
+    @property
+    def optimizer(self):
+        if self._optimizer is None:
+            decay, no_decay = [], []
+            for name, param in self.model.named_parameters():
+                if not param.requires_grad:
+                    continue
+                if param.ndim < 2 or "bias" in name or "ln" in name or "bn" in name or "norm" in name.lower():
+                    no_decay.append(param)
+                else:
+                    decay.append(param)
+            groups = [
+                {"params": decay, "weight_decay": float(self.run_cfg.weight_decay)},
+                {"params": no_decay, "weight_decay": 0.0},
+            ]
+            unwrapped = self.unwrap_dist_model(self.model)
+            if hasattr(unwrapped, "param_groups_for_optimizer"):
+                groups = unwrapped.param_groups_for_optimizer(float(self.run_cfg.weight_decay))
+            self._optimizer = torch.optim.AdamW(
+                groups,
+                lr=float(self.run_cfg.init_lr),
+                betas=(float(self.run_cfg.get("beta1", 0.9)), float(self.run_cfg.get("beta2", 0.999))),
+                eps=float(self.run_cfg.get("adam_eps", 1e-8)),
+            )
+            logger.info("trainable parameters: %d", sum(p.numel() for g in groups for p in g["params"]))
+        return self._optimizer
+
+    @property
+    def amp_dtype(self) -> Optional[torch.dtype]:
+        amp = self.run_cfg.get("amp", False)
+        if amp is False or amp is None:
+            return None
+        if amp is True:
+            return torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+    @property
+    def scaler(self):
+        if self._scaler is None and self.amp_dtype == torch.float16 and self.device.type == "cuda":
+            self._scaler = torch.amp.GradScaler("cuda")
+        return self._scaler
+
+    @property
+    def lr_scheduler(self):
+        if self._lr_sched is None:
+            name = self.run_cfg.lr_sched
+            scheduler_cls = registry.get_lr_scheduler_class(name)
+            self._lr_sched = scheduler_cls(
+                optimizer=self.optimizer,
+                max_epoch=self.max_epoch,
+                min_lr=float(self.run_cfg.get("min_lr", 0.0)),
+                init_lr=float(self.run_cfg.init_lr),
+                decay_rate=self.run_cfg.get("lr_decay_rate", None),
+                warmup_start_lr=float(self.run_cfg.get("warmup_lr", -1)),
+                warmup_steps=int(self.run_cfg.get("warmup_steps", 0)),
+                iters_per_epoch=len(self.train_loader),
+                milestones=list(self.run_cfg.get("lr_milestones", []) or []),
+                gamma=float(self.run_cfg.get("lr_gamma", 0.1)),
+            )
+        return self._lr_sched
+
+    @property
+    def dataloaders(self) -> dict:
+        if self._dataloaders is None:
+            by_split: dict[str, Any] = {}
+            for dataset_name, splits in self.datasets.items():
+                for split_name, dataset in splits.items():
+                    if split_name in by_split:
+                        raise ValueError(f"split {split_name!r} is provided by two datasets; use one dataset per recipe")
+                    by_split[split_name] = dataset
+            loaders = {}
+            for split_name, dataset in by_split.items():
+                is_train = split_name in self.train_splits
+                loaders[split_name] = self._make_loader(dataset, is_train)
+            self._dataloaders = loaders
+        return self._dataloaders
+
+    def _make_loader(self, dataset, is_train: bool) -> DataLoader:
+        batch_size = int(self.run_cfg.batch_size_train if is_train else self.run_cfg.batch_size_eval)
+        sampler = None
+        generator = None
+        if is_train:
+            seed = int(self.run_cfg.get("seed", 42))
+            if self.use_distributed:
+                sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
+            else:
+                generator = torch.Generator()
+                generator.manual_seed(seed)
+        collate = getattr(dataset, "collater", None)
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=int(self.run_cfg.get("num_workers", 0)),
+            pin_memory=self.device.type == "cuda",
+            sampler=sampler,
+            shuffle=is_train and sampler is None,
+            generator=generator,
+            collate_fn=collate,
+            drop_last=is_train,
+        )
+        if is_train and len(loader) == 0:
+            raise ValueError(
+                f"training split has {len(dataset)} samples, fewer than run.batch_size_train={batch_size}"
+            )
+        return loader
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make epoch ``epoch``'s shuffle a function of (seed, epoch) only, for exact resumption."""
+        loader = self.train_loader
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        elif loader.generator is not None:
+            loader.generator.manual_seed(int(self.run_cfg.get("seed", 42)) * 1000 + epoch)
+
+    # ------------------------------------------------------------------------------ loop
+    def train(self):
+        start_time = time.time()
+        self.log_config()
+        if self.run_cfg.get("resume", False):
+            self._resume_from_last()
+        elif not self.evaluate_only and self.resume_ckpt_path:
+            self._load_checkpoint(self.resume_ckpt_path)
+
+        last_epoch = self.start_epoch - 1
+        for epoch in range(self.start_epoch, self.max_epoch):
+            if self.evaluate_only:
+                break
+            self.set_epoch(epoch)
+            train_stats = self.train_epoch(epoch)
+            record = {"epoch": epoch, "split": "train", **train_stats}
+            self._log_metrics(record)
+            for split_name in self.valid_splits:
+                val_log = self.eval_epoch(split_name=split_name, cur_epoch=epoch, skip_reload=True)
+                if val_log is None:
+                    continue
+                agg = float(val_log["agg_metrics"])
+                if split_name == "val" and (self.best_agg_metric is None or agg > self.best_agg_metric):
+                    self.best_agg_metric, self.best_epoch = agg, epoch
+                    self._save_checkpoint(epoch, is_best=True)
+                self._log_metrics({"epoch": epoch, "split": split_name, **val_log, "best_epoch": self.best_epoch})
+            self._save_checkpoint(epoch, is_best=False)
+            last_epoch = epoch
+            lever_dist.barrier()
+
+        if self.evaluate_only:
+            for split_name in self.valid_splits:
+                val_log = self.eval_epoch(split_name=split_name, cur_epoch="evaluate", skip_reload=True)
+                if val_log is not None:
+                    self._log_metrics({"epoch": "evaluate", "split": split_name, **val_log})
+        if self.test_splits:
+            have_best = os.path.isfile(os.path.join(self.output_dir, BEST_CHECKPOINT))
+            test_epoch = "best" if have_best and not self.evaluate_only else last_epoch
+            for split_name in self.test_splits:
+                test_log = self.eval_epoch(split_name=split_name, cur_epoch=test_epoch, skip_reload=test_epoch != "best")
+                if test_log is not None:
+                    self._log_metrics({"epoch": test_epoch, "split": split_name, **test_log})
+        logger.info("done in %s", datetime.timedelta(seconds=int(time.time() - start_time)))
+
+    def train_epoch(self, epoch):
+        self.model.train()
+        return self.task.train_epoch(
+            epoch=epoch,
+            model=self.model,
+            data_loader=self.train_loader,
+            optimizer=self.optimizer,
+            scaler=self.scaler,
+            lr_scheduler=self.lr_scheduler,
+            cuda_enabled=self.device.type == "cuda",
+            log_freq=self.log_freq,
+            accum_grad_iters=self.accum_grad_iters,
+            runner=self,
+        )
+
+    @torch.no_grad()
+    def eval_epoch(self, split_name, cur_epoch, skip_reload=False):
+        data_loader = self.dataloaders.get(split_name)
+        if data_loader is None:
+            raise ValueError(f"no dataset provides split {split_name!r} (have: {', '.join(self.dataloaders)})")
+        model = self.unwrap_dist_model(self.model)
+        if not skip_reload and cur_epoch == "best":
+            model = self._reload_best_model(model)
+        model.eval()
+        self.task.before_evaluation(model=model, dataset=data_loader.dataset)
+        results = self.task.evaluation(model, data_loader, cuda_enabled=self.device.type == "cuda")
+        if results is None:
+            return None
+        return self.task.after_evaluation(val_result=results, split_name=split_name, epoch=cur_epoch)
+
+    def unwrap_dist_model(self, model):
+        return model.module if isinstance(model, DDP) else model
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def _trainable_state_dict(self) -> dict:
+        model = self.unwrap_dist_model(self.model)
+        trainable = {k for k, v in model.named_parameters() if v.requires_grad}
+        frozen = {k for k, v in model.named_parameters() if not v.requires_grad}
+        return {k: v for k, v in model.state_dict().items() if k in trainable or k not in frozen}
+
+    def _save_checkpoint(self, cur_epoch, is_best=False):
+        if not lever_dist.is_main_process():
+            return
+        from omegaconf import OmegaConf
+
+        payload = {
+            "model": self._trainable_state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "config": OmegaConf.to_container(self.config.config, resolve=True),
+            "epoch": cur_epoch,
+            "global_step": self.global_step,
+            "best_agg_metric": self.best_agg_metric,
+            "best_epoch": self.best_epoch,
+            "rng": _rng_state(),
+        }
+        name = BEST_CHECKPOINT if is_best else LAST_CHECKPOINT
+        atomic_torch_save(payload, os.path.join(self.output_dir, name))
+        logger.info("saved %s (epoch %s)", name, cur_epoch)
+
+    def _load_weights(self, model, state_dict: dict, source: str) -> None:
+        frozen = {k for k, v in model.named_parameters() if not v.requires_grad}
+        result = model.load_state_dict(state_dict, strict=False)
+        missing = [k for k in result.missing_keys if k not in frozen]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(
+                f"{source}: checkpoint does not match the model (missing {missing[:5]}, unexpected {result.unexpected_keys[:5]})"
+            )
+
+    def _reload_best_model(self, model):
+        path = os.path.join(self.output_dir, BEST_CHECKPOINT)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        self._load_weights(model, checkpoint["model"], path)
+        return model
+
+    def _load_checkpoint(self, path, restore_rng: bool = False):
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        self._load_weights(self.unwrap_dist_model(self.model), checkpoint["model"], path)
+        if checkpoint.get("optimizer") is not None:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if self.scaler is not None and checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        epoch = checkpoint.get("epoch", -1)
+        self.start_epoch = (epoch + 1) if isinstance(epoch, int) else 0
+        self.global_step = int(checkpoint.get("global_step", 0))
+        self.best_agg_metric = checkpoint.get("best_agg_metric")
+        self.best_epoch = checkpoint.get("best_epoch")
+        if restore_rng and checkpoint.get("rng"):
+            _set_rng_state(checkpoint["rng"])
+        logger.info("resumed from %s at epoch %d", path, self.start_epoch)
+
+    def _resume_from_last(self) -> None:
+        path = os.path.join(self.output_dir, LAST_CHECKPOINT)
+        if not os.path.isfile(path):
+            logger.info("no %s in %s: starting from scratch", LAST_CHECKPOINT, self.output_dir)
+            return
+        self._load_checkpoint(path, restore_rng=True)
+        self._truncate_metrics(self.start_epoch)
+
+    # ------------------------------------------------------------------------------ logging
+    def _metrics_path(self, suffix: str) -> str:
+        return os.path.join(self.output_dir, f"metrics.{suffix}")
+
+    def _read_metric_records(self) -> list[dict]:
+        path = self._metrics_path("jsonl")
+        if not os.path.isfile(path):
+            return []
+        with open(path, encoding="utf-8") as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+
+    def _write_metric_records(self, records: list[dict]) -> None:
+        for suffix, writer in (("jsonl", _write_jsonl), ("csv", _write_csv)):
+            path = self._metrics_path(suffix)
+            tmp = f"{path}.tmp"
+            writer(tmp, records)
+            os.replace(tmp, path)
+
+    def _truncate_metrics(self, start_epoch: int) -> None:
+        """Drop records of epochs that will be re-run, so a resumed log has no duplicates."""
+        if not lever_dist.is_main_process():
+            return
+        records = [r for r in self._read_metric_records() if isinstance(r.get("epoch"), int) and r["epoch"] < start_epoch]
+        self._write_metric_records(records)
+
+    def _log_metrics(self, record: dict) -> None:
+        if not lever_dist.is_main_process():
+            return
+        record = {k: (float(v) if isinstance(v, (np.floating, torch.Tensor)) else v) for k, v in record.items()}
+        records = self._read_metric_records()
+        records.append(record)
+        self._write_metric_records(records)
+        with open(os.path.join(self.output_dir, "log.txt"), "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({f"{record['split']}_{k}": v for k, v in record.items() if k != "split"}) + "\n")
+        self._tensorboard(record)
+        shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+        logger.info("%s", shown)
+
+    def _tensorboard(self, record: dict) -> None:
+        if not isinstance(record.get("epoch"), int):
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:  # tensorboard not installed: CSV/JSONL only
+            return
+        writer = getattr(self, "_tb_writer", None)
+        if writer is None:
+            writer = self._tb_writer = SummaryWriter(os.path.join(self.output_dir, "tensorboard"))
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key not in ("epoch", "best_epoch"):
+                writer.add_scalar(f"{record['split']}/{key}", value, record["epoch"])
+        writer.flush()
+
+    def log_config(self):
+        if not lever_dist.is_main_process():
+            return
+        from omegaconf import OmegaConf
+
+        with open(os.path.join(self.output_dir, "log.txt"), "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(OmegaConf.to_container(self.config.config, resolve=True), indent=4) + "\n")
+
+
+def _write_jsonl(path: str, records: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+
+
+def _write_csv(path: str, records: list[dict]) -> None:
+    columns: list[str] = []
+    for record in records:
+        columns.extend(k for k in record if k not in columns)
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(records)

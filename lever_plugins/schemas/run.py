@@ -1,0 +1,68 @@
+"""Settings of the recipe's ``run:`` block (LAVIS runner keys keep their LAVIS meaning)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Literal, Optional
+
+from lever_plugins.schema import Settings, setting
+
+
+@dataclass(kw_only=True)
+class RunSettings(Settings):
+    """Keys of ``run:`` read by LAVIS's runner and ours. Tasks may add keys by subclassing."""
+
+    task: str = setting(help="registered LAVIS task name, e.g. lever_composed_retrieval")
+    runner: str = setting("lever_runner", help="registered runner; lever_runner works on CPU, GPU and torchrun")
+    output_dir: str = setting(help="where the resolved recipe, logs, metrics and checkpoints go (made absolute)")
+    device: Literal["cpu", "cuda", "auto"] = setting("auto", help="cpu, cuda, or auto (cuda when available)")
+    seed: int = setting(42, help="random seed (per rank: seed + rank)")
+
+    # optimisation
+    lr_sched: Literal[
+        "linear_warmup_cosine_lr", "linear_warmup_step_lr", "constant_lr", "lever_onecycle_lr", "lever_multistep_lr"
+    ] = setting("linear_warmup_cosine_lr", help="learning-rate schedule: LAVIS's three, or ours (one-cycle, multi-step)")
+    init_lr: float = setting(1e-5, help="peak learning rate", gt=0)
+    min_lr: float = setting(0.0, help="final learning rate of the cosine schedule", ge=0)
+    warmup_lr: float = setting(-1.0, help="start of the linear warm-up (-1: no warm-up)")
+    warmup_steps: int = setting(0, help="linear warm-up steps", ge=0)
+    lr_decay_rate: Optional[float] = setting(None, help="per-epoch decay of linear_warmup_step_lr", gt=0)
+    lr_milestones: list[int] = setting(default_factory=list, help="epochs at which lever_multistep_lr multiplies the lr by lr_gamma")
+    lr_gamma: float = setting(0.1, help="lever_multistep_lr decay factor", gt=0)
+    weight_decay: float = setting(0.05, help="AdamW weight decay (not applied to biases and norms)", ge=0)
+    beta1: float = setting(0.9, help="AdamW beta1", gt=0, lt=1)
+    beta2: float = setting(0.999, help="AdamW beta2", gt=0, lt=1)
+    adam_eps: float = setting(1e-8, help="AdamW epsilon", gt=0)
+    max_grad_norm: Optional[float] = setting(None, help="clip the gradient norm to this value (null: no clipping)", gt=0)
+    max_epoch: int = setting(1, help="training epochs", ge=1)
+    accum_grad_iters: int = setting(1, help="gradient accumulation steps per optimiser step", ge=1)
+    amp: Literal[False, True, "bf16", "fp16"] = setting(
+        False, help="mixed precision: false, true (fp16 on cuda, bf16 on cpu), bf16 or fp16"
+    )
+
+    # data
+    batch_size_train: int = setting(8, help="per-process training batch size", ge=1)
+    batch_size_eval: int = setting(32, help="per-process evaluation batch size", ge=1)
+    num_workers: int = setting(0, help="DataLoader worker processes", ge=0)
+    train_splits: list[str] = setting(default_factory=lambda: ["train"], help="splits to train on")
+    valid_splits: list[str] = setting(default_factory=lambda: ["val"], help="splits to validate on (best checkpoint chosen here)")
+    test_splits: list[str] = setting(default_factory=list, help="splits evaluated once with the best checkpoint")
+
+    # bookkeeping
+    log_freq: int = setting(50, help="log the training loss every N steps", ge=1)
+    evaluate: bool = setting(False, help="evaluate only (needs resume_ckpt_path or a checkpoint in output_dir)")
+    resume: bool = setting(False, help="continue from the last checkpoint in output_dir")
+    resume_ckpt_path: Optional[str] = setting(None, help="checkpoint to start from (weights, optimiser, epoch)", path="file")
+    keep_last_checkpoint_only: bool = setting(True, help="delete older per-epoch checkpoints after a new one is written")
+    progress_bar: bool = setting(True, help="show tqdm progress bars on the main process")
+
+    # distributed (LAVIS keys)
+    distributed: bool = setting(False, help="set automatically under torchrun / --nproc")
+    world_size: int = setting(1, help="set automatically under torchrun / --nproc", ge=1)
+    dist_url: str = setting("env://", help="torch.distributed init method")
+    use_dist_eval_sampler: bool = setting(False, help="shard evaluation data across ranks (results are gathered)")
+
+    def extra_problems(self) -> Iterator[str]:
+        if self.lr_sched == "lever_multistep_lr" and not self.lr_milestones:
+            yield "lr_milestones: lever_multistep_lr needs at least one milestone epoch"
+        if self.warmup_steps > 0 and self.warmup_lr < 0:
+            yield "warmup_lr: warmup_steps > 0 needs warmup_lr >= 0 (the warm-up start value)"

@@ -1,0 +1,168 @@
+"""Common training loop of our LAVIS tasks.
+
+LAVIS 1.0.2's ``BaseTask._train_inner_loop`` logs only the total loss, uses CUDA-only autocast, does
+not clip gradients and cannot notice a NaN. Ours keeps LAVIS's task interface (``setup_task``,
+``train_epoch``, ``evaluation``, ``after_evaluation``) and adds: validation of the ``run:`` block
+against the task's settings, per-part loss averages, ``torch.autocast`` on CPU and GPU, gradient
+accumulation and clipping, a clear stop on a non-finite loss, and a progress bar.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections import defaultdict
+from typing import Any, Mapping, Optional
+
+import torch
+
+from lever_plugins.compat import import_lavis
+from lever_plugins.schema import RecipeError, from_mapping
+from lever_plugins.schemas.run import RunSettings
+
+import_lavis()
+
+from lavis.tasks.base_task import BaseTask  # noqa: E402
+
+from lever_plugins.runners import distributed as lever_dist  # noqa: E402
+
+# keys the runner or torchrun set at run time; not part of a recipe
+RUNTIME_RUN_KEYS = ("gpu", "rank")
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN/inf loss; the message names the step and the last good checkpoint."""
+
+
+def to_plain(cfg: Any) -> Any:
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(cfg, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return cfg
+
+
+def move_to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, Mapping):
+        return {k: move_to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and obj and isinstance(obj[0], torch.Tensor):
+        return type(obj)(move_to_device(v, device) for v in obj)
+    return obj
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+class LeverTask(BaseTask):
+    """Base of our tasks; subclasses set ``settings_cls`` (a :class:`RunSettings` subclass)."""
+
+    settings_cls: type = RunSettings
+
+    def __init__(self, settings: Optional[RunSettings] = None):
+        super().__init__()
+        self.settings = settings if settings is not None else None
+
+    @classmethod
+    def setup_task(cls, cfg=None, **kwargs):
+        run_block = {}
+        if cfg is not None:
+            run_block = {k: v for k, v in to_plain(cfg.run_cfg).items() if k not in RUNTIME_RUN_KEYS}
+        problems: list[str] = []
+        settings = from_mapping(cls.settings_cls, run_block, "run", problems)
+        if problems:
+            raise RecipeError(problems)
+        return cls(settings)
+
+    # -------------------------------------------------------------------------- hooks
+    def on_train_epoch_start(self, model: torch.nn.Module, epoch: int) -> None:
+        """Called before each training epoch (e.g. to switch on hard negatives)."""
+
+    def autocast(self, device: torch.device, dtype: Optional[torch.dtype]):
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=dtype)
+
+    # -------------------------------------------------------------------------- training
+    def train_epoch(
+        self,
+        epoch,
+        model,
+        data_loader,
+        optimizer,
+        lr_scheduler,
+        scaler=None,
+        cuda_enabled=False,
+        log_freq=50,
+        accum_grad_iters=1,
+        runner=None,
+    ):
+        device = model_device(model)
+        unwrapped = getattr(model, "module", model)
+        self.on_train_epoch_start(unwrapped, epoch)
+        amp_dtype = getattr(runner, "amp_dtype", None)
+        max_grad_norm = self.settings.max_grad_norm if self.settings is not None else None
+        show_bar = lever_dist.is_main_process() and (self.settings is None or self.settings.progress_bar)
+        num_steps = len(data_loader)
+        sums: dict[str, float] = defaultdict(float)
+        count = 0
+        progress = None
+        if show_bar:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=num_steps, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+        optimizer.zero_grad(set_to_none=True)
+        for step, samples in enumerate(data_loader):
+            samples = move_to_device(samples, device)
+            samples.update({"epoch": epoch, "num_iters_per_epoch": num_steps, "iters": step})
+            lr_scheduler.step(cur_epoch=epoch, cur_step=step)
+            with self.autocast(device, amp_dtype):
+                output = model(samples)
+            loss = output["loss"]
+            if not torch.isfinite(loss.detach()).all():
+                last = os.path.join(str(getattr(runner, "output_dir", "")), "checkpoint_last.pth")
+                where = last if runner is not None and os.path.isfile(last) else "none yet"
+                raise NonFiniteLoss(
+                    f"non-finite loss ({loss.item()}) at epoch {epoch} step {step}; training stopped. "
+                    f"Last good checkpoint: {where}"
+                )
+            scaled = loss / accum_grad_iters
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            if (step + 1) % accum_grad_iters == 0 or step + 1 == num_steps:
+                if max_grad_norm is not None:
+                    if scaler is not None:
+                        scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for group in optimizer.param_groups for p in group["params"]], max_grad_norm
+                    )
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if runner is not None:
+                    runner.global_step += 1
+            for key, value in output.items():
+                if isinstance(value, torch.Tensor) and value.numel() == 1:
+                    sums[key] += float(value.detach())
+                elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                    sums[key] += float(value)
+            count += 1
+            if progress is not None:
+                progress.update(1)
+                if step % max(1, log_freq // 10) == 0:
+                    progress.set_postfix(loss=f"{float(loss):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        if progress is not None:
+            progress.close()
+        stats = {k: v / max(count, 1) for k, v in sums.items()}
+        stats = lever_dist.all_reduce_mean(stats)
+        stats["lr"] = float(optimizer.param_groups[0]["lr"])
+        if not all(math.isfinite(v) for v in stats.values()):
+            raise NonFiniteLoss(f"non-finite epoch statistics at epoch {epoch}: {stats}")
+        return stats

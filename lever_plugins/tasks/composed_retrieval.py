@@ -1,0 +1,98 @@
+"""``lever_composed_retrieval``: train a CIR model and evaluate it the CIRR way.
+
+Validation ranks each split's whole gallery for every (reference, text) query with the reference
+image removed (Recall@1/5/10/50) and, within the query's ``img_set`` minus the reference, computes
+Recall_subset@1/2/3; ``agg_metrics`` is ``(R@5 + R_subset@1) / 2`` and picks the best checkpoint on
+``val``. ``test1`` (no targets) is exported as the two CIRR test-server JSON files.
+
+Every rank evaluates the full split (evaluation is not sharded), so multi-process metrics equal the
+single-process ones by construction.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from lever_plugins.metrics.cir import cirr_metrics, write_cirr_submission
+from lever_plugins.runners import distributed as lever_dist
+from lever_plugins.schemas.cir import ComposedRetrievalRunSettings
+from lever_plugins.tasks.base import LeverTask, model_device
+
+logger = logging.getLogger(__name__)
+
+QUERY_CHUNK = 256  # queries scored against the gallery at once (bounds the (q, g, Q) similarity tensor)
+
+
+def _progress(iterable, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
+
+
+class ComposedRetrievalTask(LeverTask):
+    settings_cls = ComposedRetrievalRunSettings
+
+    @torch.no_grad()
+    def evaluation(self, model, data_loader, cuda_enabled=True):
+        model = getattr(model, "module", model)
+        device = model_device(model)
+        dataset = data_loader.dataset
+        gallery = dataset.gallery
+        show = lever_dist.is_main_process() and (self.settings is None or self.settings.progress_bar)
+        batch_size = data_loader.batch_size or 32
+        gallery_loader = DataLoader(gallery, batch_size=batch_size, collate_fn=gallery.collater,
+                                    num_workers=data_loader.num_workers)
+        target_feats, gallery_names = [], []
+        for batch in _progress(gallery_loader, f"gallery {dataset.split}", show):
+            target_feats.append(model.target_features(batch["image"].to(device)).float().cpu())
+            gallery_names.extend(batch["image_name"])
+        target_feats = torch.cat(target_feats)
+
+        query_feats, pair_ids, reference_names, target_names = [], [], [], []
+        for batch in _progress(data_loader, f"queries {dataset.split}", show):
+            query_feats.append(model.fusion_features(batch["reference_image"].to(device), batch["text_input"]).float().cpu())
+            pair_ids.extend(int(p) for p in batch["pair_id"])
+            reference_names.extend(batch["reference_name"])
+            target_names.extend(batch.get("target_name", [None] * len(batch["reference_name"])))
+        query_feats = torch.cat(query_feats)
+        sims = torch.cat([model.similarity(chunk, target_feats) for chunk in query_feats.split(QUERY_CHUNK)])
+        members = {t.pair_id: list(t.group_members) for t in dataset.triplets}
+        return {
+            "split": dataset.split,
+            "sims": sims,
+            "pair_ids": pair_ids,
+            "reference_names": reference_names,
+            "target_names": target_names,
+            "gallery_names": gallery_names,
+            "group_members": [members[p] for p in pair_ids],
+        }
+
+    def after_evaluation(self, val_result, split_name, epoch, **kwargs):
+        if not lever_dist.is_main_process():
+            return {"agg_metrics": 0.0}
+        from lavis.common.registry import registry
+
+        result_dir = registry.get_path("result_dir")
+        if any(t is None for t in val_result["target_names"]):
+            paths = write_cirr_submission(
+                result_dir, val_result["sims"], val_result["pair_ids"], val_result["reference_names"],
+                val_result["gallery_names"], val_result["group_members"], name=f"{split_name}_epoch{epoch}",
+            )
+            logger.info("wrote CIRR test-server files: %s", ", ".join(str(p) for p in paths))
+            return {"agg_metrics": 0.0, "submission": str(paths[0])}
+        metrics = cirr_metrics(
+            val_result["sims"], val_result["reference_names"], val_result["target_names"],
+            val_result["gallery_names"], val_result["group_members"],
+        )
+        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics["agg_metrics"] = metrics["r5_rs1_mean"]
+        with open(os.path.join(result_dir, f"{split_name}_epoch{epoch}_metrics.json"), "w", encoding="utf-8") as handle:
+            json.dump(metrics, handle, indent=2)
+        return metrics
