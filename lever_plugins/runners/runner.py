@@ -279,6 +279,8 @@ class LeverRunner(RunnerBase):
                 test_log = self.eval_epoch(split_name=split_name, cur_epoch=test_epoch, skip_reload=test_epoch != "best")
                 if test_log is not None:
                     self._log_metrics({"epoch": test_epoch, "split": split_name, **test_log})
+        if lever_dist.is_main_process() and hasattr(self.task, "after_training"):
+            self.task.after_training(self)
         logger.info("done in %s", datetime.timedelta(seconds=int(time.time() - start_time)))
 
     def train_epoch(self, epoch):

@@ -83,6 +83,9 @@ class LeverTask(BaseTask):
     def on_train_epoch_start(self, model: torch.nn.Module, epoch: int) -> None:
         """Called before each training epoch (e.g. to switch on hard negatives)."""
 
+    def after_training(self, runner) -> None:
+        """Called once on the main process after training and testing (e.g. to draw figures)."""
+
     def autocast(self, device: torch.device, dtype: Optional[torch.dtype]):
         if dtype is None:
             return contextlib.nullcontext()

@@ -74,6 +74,20 @@ class ComposedRetrievalTask(LeverTask):
             "group_members": [members[p] for p in pair_ids],
         }
 
+    def after_training(self, runner) -> None:
+        count = self.settings.save_gate_maps if self.settings is not None else 0
+        if not count:
+            return
+        model = runner.unwrap_dist_model(runner.model)
+        if getattr(model, "gated_fusion", None) is None:
+            logger.warning("run.save_gate_maps=%d but model.use_gated_fusion is false: no gate maps", count)
+            return
+        from lever_plugins.launch import save_gate_maps_for_run
+
+        split = "val" if "val" in runner.dataloaders else next(iter(runner.dataloaders))
+        paths = save_gate_maps_for_run(str(runner.output_dir), split=split, num_queries=count)
+        logger.info("saved %d gate maps to %s", len(paths), os.path.dirname(str(paths[0])) if paths else "-")
+
     def after_evaluation(self, val_result, split_name, epoch, **kwargs):
         if not lever_dist.is_main_process():
             return {"agg_metrics": 0.0}

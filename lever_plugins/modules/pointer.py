@@ -1,0 +1,596 @@
+"""Pointer selectors V1/V2/V3: choose ``shot_num`` in-context demonstrations from a pool of ``K``.
+
+Lineage: Lever-LM (NeurIPS 2024) and the user's pointer selectors (seeds 000, 001; SPEC §7).
+
+Architecture (all versions)::
+
+    query_emb (B, d) ──input_proj──► (B, H) ──[V2: cross-attn to candidates + residual + LN]──┐
+    cand_emb (B, K, d) ─input_proj─► (B, K, H) ─────────────────────────────────────────────┤
+                         query_proj / cand_proj (H -> H) ─► dropout ─► L2 norm ─► cosine / T
+
+``input_proj`` (d -> H) is shared by query and candidates. Step ``s`` scores every candidate with
+``logits[b, s, k] = cos(query_state_s, cand_k) / temperature`` and gives the candidates chosen at
+earlier steps ``-inf``. Training is teacher-forced: the candidates removed at step ``s`` are
+``labels[:, :s]``, never the model's own predictions.
+
+**Query state across steps** (``query_update``):
+
+* ``"none"`` (default, as in seeds 000/001 and their public code): the query state is fixed; steps
+  differ only by which candidates are masked. Greedy decoding then returns the candidates in
+  descending score order, and the model has no parameter tied to the step index.
+* ``"additive"`` (Lever-LM-style conditioning on the chosen demonstrations, parameter-free):
+  ``state_s = q + sum_{j < s} c_{y_j}`` in the projected space before the L2 norm, where ``q`` and
+  ``c`` are the dropout-ed outputs of ``query_proj`` / ``cand_proj`` and ``y_j`` the candidate
+  chosen at step ``j`` (the label in training, the prediction in :meth:`predict`). The update's
+  strength relative to the query is learned through the norms of the two projections, which the
+  cosine scoring otherwise ignores.
+
+Losses: cross-entropy with label smoothing spread over the still-available candidates (V1, V2);
+V3 adds ``ranking_loss_weight * ranking_loss`` (:mod:`lever_plugins.modules.ranking`).
+
+**beam_scores convention**: ``beam_scores`` has shape ``(B, S)`` like ``labels``: ``labels[b]`` is the
+beam file's ``icds`` (best first, as candidate-pool indices) and ``beam_scores[b]`` the matching
+``scores`` entries, i.e. ``beam_scores[b, s]`` is the beam score of candidate ``labels[b, s]``.
+
+Parameter counts (``d``: d_model, ``H``: hidden_dim): V1/V3 ``dH + H + 2(H^2 + H)`` = 131,456 at
+d = 768, H = 128; V2 adds ``4H^2 + 4H`` (multi-head attention) + ``2H`` (LayerNorm) = 197,760 at
+H = 128 and 592,128 (the seed's 0.59 M) at H = 256. :func:`pointer_parameter_count` gives them
+without building a model.
+
+The config dataclasses are plain Python (no tensors built, nothing heavy at construction).
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, Literal, Mapping, Optional, Tuple, Type, TypeVar, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lever_plugins.modules import ranking as ranking_losses
+from lever_plugins.schema import Settings, setting
+
+__all__ = [
+    "PointerSelectorV1Config",
+    "PointerSelectorV2Config",
+    "PointerSelectorV3Config",
+    "PointerSelectorV1",
+    "PointerSelectorV2",
+    "PointerSelectorV3",
+    "build_model_v1",
+    "build_model_v2",
+    "build_model_v3",
+    "mc_dropout_logits",
+    "pointer_parameter_count",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------
+
+
+def _type_problems(obj: Any) -> Iterator[str]:
+    """Wrong-type problems for int / float / bool / Literal fields (bounds are checked by Settings)."""
+    hints = typing.get_type_hints(type(obj))
+    for field in dataclasses.fields(obj):
+        kind, value = hints[field.name], getattr(obj, field.name)
+        if typing.get_origin(kind) is Literal:
+            choices = typing.get_args(kind)
+            if value not in choices:
+                yield f"{field.name}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}"
+        elif kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            yield f"{field.name}: expected an integer, got {type(value).__name__} {value!r}"
+        elif kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            yield f"{field.name}: expected a number, got {type(value).__name__} {value!r}"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class PointerSelectorV1Config(Settings):
+    """Settings of :class:`PointerSelectorV1` (bi-encoder pointer selector)."""
+
+    d_model: int = setting(768, ge=1, help="width of the query / candidate embeddings (e.g. CLIP features)")
+    hidden_dim: int = setting(128, ge=1, help="width after the shared input projection")
+    K: int = setting(32, ge=1, help="candidate pool size per query")
+    shot_num: int = setting(6, ge=1, help="demonstrations selected per query (decoding steps)")
+    temperature: float = setting(0.1, gt=0.0, help="logits = cosine / temperature")
+    dropout: float = setting(0.3, ge=0.0, lt=1.0, help="dropout after query_proj / cand_proj")
+    label_smoothing: float = setting(
+        0.2, ge=0.0, lt=1.0, help="cross-entropy label smoothing over the still-available candidates"
+    )
+    query_update: Literal["none", "additive"] = setting(
+        "none", help="query state across steps: fixed ('none') or query + sum of chosen candidates"
+    )
+
+    def extra_problems(self) -> Iterator[str]:
+        yield from _type_problems(self)
+        if _is_int(self.shot_num) and _is_int(self.K) and self.shot_num > self.K:
+            yield f"shot_num: cannot select {self.shot_num} distinct candidates from K = {self.K}"
+
+
+@dataclass
+class PointerSelectorV2Config(PointerSelectorV1Config):
+    """Settings of :class:`PointerSelectorV2` (V1 + one query-to-candidates cross-attention)."""
+
+    label_smoothing: float = setting(
+        0.1, ge=0.0, lt=1.0, help="cross-entropy label smoothing over the still-available candidates"
+    )
+    num_heads: int = setting(4, ge=1, help="cross-attention heads; must divide hidden_dim")
+    attn_dropout: float = setting(0.1, ge=0.0, lt=1.0, help="dropout on the attention weights")
+
+    def extra_problems(self) -> Iterator[str]:
+        yield from super().extra_problems()
+        if _is_int(self.hidden_dim) and _is_int(self.num_heads) and self.num_heads >= 1:
+            if self.hidden_dim % self.num_heads:
+                yield f"num_heads: {self.num_heads} does not divide hidden_dim = {self.hidden_dim}"
+
+
+@dataclass
+class PointerSelectorV3Config(PointerSelectorV1Config):
+    """Settings of :class:`PointerSelectorV3` (V1 + ranking loss; RADI options)."""
+
+    ranking_loss_type: Literal["listwise", "pairwise", "radi_pairwise", "radi_listwise"] = setting(
+        "listwise", help="listwise (KL to beam-score target), pairwise (hardest negative), or RADI distillation"
+    )
+    ranking_loss_weight: float = setting(0.1, ge=0.0, help="lambda in loss = CE + lambda * ranking loss")
+    ranking_margin: float = setting(
+        1.0, gt=0.0, help="hinge margin in logit units (pairwise; base margin m of radi_pairwise)"
+    )
+    radi_sinkhorn_epsilon: float = setting(
+        1.0, gt=0.0, help="radi_pairwise: entropic regularisation, relative to the mean pair uncertainty"
+    )
+    radi_sinkhorn_iters: int = setting(50, ge=1, help="radi_pairwise: Sinkhorn iterations")
+    radi_hot_k: int = setting(4, ge=1, help="radi_listwise: hot list = teacher top-k")
+    radi_cold_k: int = setting(8, ge=0, help="radi_listwise: candidates sampled into the cold list")
+    radi_cold_sampling: Literal["exponential", "zipf"] = setting(
+        "exponential", help="radi_listwise: cold-list sampling p_k ∝ exp(-alpha k) or k^-alpha"
+    )
+    radi_sampling_alpha: float = setting(0.5, gt=0.0, help="radi_listwise: alpha of the cold-list sampling")
+    radi_list_loss: Literal["listnet", "listmle"] = setting("listnet", help="radi_listwise: list loss")
+    radi_mc_samples: int = setting(8, ge=1, help="RADI: MC-dropout passes of the teacher (mc_dropout_logits)")
+
+    def extra_problems(self) -> Iterator[str]:
+        yield from super().extra_problems()
+        if _is_int(self.radi_hot_k) and _is_int(self.K) and self.radi_hot_k > self.K:
+            yield f"radi_hot_k: {self.radi_hot_k} is larger than the pool K = {self.K}"
+
+
+def pointer_parameter_count(config: PointerSelectorV1Config) -> int:
+    """Trainable parameters of the model ``config`` builds, without building it."""
+    d, h = config.d_model, config.hidden_dim
+    count = d * h + h + 2 * (h * h + h)
+    if isinstance(config, PointerSelectorV2Config):
+        count += 4 * h * h + 4 * h + 2 * h
+    return count
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+ConfigT = TypeVar("ConfigT", bound=PointerSelectorV1Config)
+
+
+def _resolve_config(config: Any, cls: Type[ConfigT]) -> ConfigT:
+    if config is None:
+        return cls()
+    if isinstance(config, cls):
+        return config
+    if isinstance(config, Mapping):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - names)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown keys {unknown}; known: {sorted(names)}")
+        return cls(**dict(config))
+    raise TypeError(f"expected a {cls.__name__}, a mapping of its keys or None, got {type(config).__name__}")
+
+
+class PointerSelectorV1(nn.Module):
+    """Bi-encoder pointer selector (see the module docstring for the architecture).
+
+    Args:
+        config: :class:`PointerSelectorV1Config`, a mapping of its keys, or ``None`` for defaults.
+    """
+
+    config_class: Type[PointerSelectorV1Config] = PointerSelectorV1Config
+
+    def __init__(self, config: Union[PointerSelectorV1Config, Mapping[str, Any], None] = None) -> None:
+        super().__init__()
+        self.config = _resolve_config(config, self.config_class)
+        cfg = self.config
+        self.input_proj = nn.Linear(cfg.d_model, cfg.hidden_dim)
+        self.query_proj = nn.Linear(cfg.hidden_dim, cfg.hidden_dim)
+        self.cand_proj = nn.Linear(cfg.hidden_dim, cfg.hidden_dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    # -- encoding ---------------------------------------------------------------------------
+
+    def _contextualise(self, query: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
+        """Hook for V2: refine the ``(B, H)`` query with the ``(B, K, H)`` candidates."""
+        return query
+
+    def encode(self, query_emb: torch.Tensor, cand_emb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Project query and candidates; not yet L2-normalised.
+
+        Args:
+            query_emb: ``(B, d_model)``.
+            cand_emb: ``(B, K, d_model)``.
+
+        Returns:
+            query ``(B, H)`` and candidates ``(B, K, H)``.
+        """
+        query = self.input_proj(query_emb)
+        cands = self.input_proj(cand_emb)
+        query = self._contextualise(query, cands)
+        return self.dropout(self.query_proj(query)), self.dropout(self.cand_proj(cands))
+
+    def _check_inputs(
+        self, query_emb: torch.Tensor, cand_emb: torch.Tensor, labels: Optional[torch.Tensor]
+    ) -> None:
+        cfg = self.config
+        if query_emb.dim() != 2 or query_emb.shape[-1] != cfg.d_model:
+            raise ValueError(f"query_emb must be (B, d_model={cfg.d_model}), got {tuple(query_emb.shape)}")
+        batch = query_emb.shape[0]
+        if cand_emb.shape != (batch, cfg.K, cfg.d_model):
+            raise ValueError(
+                f"cand_emb must be (B={batch}, K={cfg.K}, d_model={cfg.d_model}), got {tuple(cand_emb.shape)}"
+            )
+        if labels is None:
+            return
+        if labels.dim() != 2 or labels.shape[0] != batch or not 1 <= labels.shape[1] <= cfg.K:
+            raise ValueError(f"labels must be (B={batch}, S) with 1 <= S <= K={cfg.K}, got {tuple(labels.shape)}")
+        if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"labels must hold integer candidate indices, got dtype {labels.dtype}")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= cfg.K):
+            raise ValueError(
+                f"labels must be candidate indices in [0, {cfg.K}), got values in "
+                f"[{int(labels.min())}, {int(labels.max())}]"
+            )
+        if labels.shape[1] > 1 and (labels.sort(-1).values.diff(dim=-1) == 0).any():
+            raise ValueError("labels repeat a candidate within a row; a demonstration can be chosen only once")
+
+    # -- scoring ----------------------------------------------------------------------------
+
+    def _teacher_forced_logits(
+        self, query: torch.Tensor, cands: torch.Tensor, labels: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """All steps at once: ``logits (B, S, K)`` and ``available (B, S, K)``."""
+        batch, k, hidden = cands.shape
+        steps = labels.shape[1]
+        cand_unit = F.normalize(cands, dim=-1)
+        chosen = F.one_hot(labels, k)  # (B, S, K)
+        chosen_before = (chosen.cumsum(1) - chosen) > 0
+        if self.config.query_update == "additive":
+            picked = cands.gather(1, labels.unsqueeze(-1).expand(batch, steps, hidden))
+            prefix = torch.cat([torch.zeros_like(picked[:, :1]), picked.cumsum(1)[:, :-1]], dim=1)
+            states = F.normalize(query.unsqueeze(1) + prefix, dim=-1)
+            logits = torch.einsum("bsh,bkh->bsk", states, cand_unit)
+        else:
+            logits = torch.einsum("bh,bkh->bk", F.normalize(query, dim=-1), cand_unit)
+            logits = logits.unsqueeze(1).expand(batch, steps, k)
+        logits = (logits / self.config.temperature).masked_fill(chosen_before, float("-inf"))
+        return logits, ~chosen_before
+
+    def _greedy(
+        self, query: torch.Tensor, cands: torch.Tensor, steps: int, top_k: int = 1
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Free-running decoding, batched over queries.
+
+        Returns:
+            ``logits (B, S, K)``, ``available (B, S, K)``, ``ranked (B, S, top_k)`` candidate indices
+            by descending probability (column 0 is the pick that conditions later steps) and their
+            probabilities ``(B, S, top_k)``.
+        """
+        batch, k, _ = cands.shape
+        cand_unit = F.normalize(cands, dim=-1)
+        additive = self.config.query_update == "additive"
+        state = query
+        fixed_logits = None if additive else torch.einsum("bh,bkh->bk", F.normalize(query, dim=-1), cand_unit)
+        chosen = torch.zeros(batch, k, dtype=torch.bool, device=cands.device)
+        rows = torch.arange(batch, device=cands.device)
+        all_logits, all_available, ranked, probs = [], [], [], []
+        for _ in range(steps):
+            if additive:
+                raw = torch.einsum("bh,bkh->bk", F.normalize(state, dim=-1), cand_unit)
+            else:
+                raw = fixed_logits
+            logits = (raw / self.config.temperature).masked_fill(chosen, float("-inf"))
+            step_probs = torch.softmax(logits, dim=-1)
+            top_probs, top_idx = step_probs.topk(top_k, dim=-1)
+            pick = top_idx[:, 0]
+            all_logits.append(logits)
+            all_available.append(~chosen)
+            ranked.append(top_idx)
+            probs.append(top_probs)
+            chosen = chosen.clone()
+            chosen[rows, pick] = True
+            if additive:
+                state = state + cands[rows, pick]
+        return (
+            torch.stack(all_logits, 1),
+            torch.stack(all_available, 1),
+            torch.stack(ranked, 1),
+            torch.stack(probs, 1),
+        )
+
+    # -- public API -------------------------------------------------------------------------
+
+    def forward(
+        self,
+        query_emb: torch.Tensor,
+        cand_emb: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        beam_scores: Optional[torch.Tensor] = None,
+        return_loss: bool = True,
+        teacher_logits: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """Score every step; teacher-forced when ``labels`` are given.
+
+        Args:
+            query_emb: ``(B, d_model)``.
+            cand_emb: ``(B, K, d_model)``.
+            labels: ``(B, S)`` candidate indices, best first (``S <= K``, no repeats); ``None``
+                decodes greedily from the model's own picks (``S = shot_num``) and returns no loss.
+            beam_scores: ``(B, S)`` beam score of ``labels[:, s]`` (used by V3 ``listwise``).
+            return_loss: compute the losses (needs ``labels``).
+            teacher_logits: ``(T, B, S, K)`` or ``(B, S, K)`` teacher scores for the RADI losses
+                (see :func:`mc_dropout_logits`).
+
+        Returns:
+            ``logits (B, S, K)`` (``-inf`` on already-chosen candidates), ``predictions (B, S)``
+            (arg-max per step), ``logits_std`` (detached diagnostic) and, with a loss: ``loss``,
+            ``ce_loss`` and for V3 ``ranking_loss``.
+        """
+        self._check_inputs(query_emb, cand_emb, labels)
+        query, cands = self.encode(query_emb, cand_emb)
+        if labels is None:
+            logits, available, _, _ = self._greedy(query, cands, self.config.shot_num)
+        else:
+            labels = labels.long()
+            logits, available = self._teacher_forced_logits(query, cands, labels)
+        out: Dict[str, torch.Tensor] = {
+            "logits": logits,
+            "predictions": logits.argmax(-1),
+            "logits_std": ranking_losses.masked_logits_std(logits, available),
+        }
+        if return_loss and labels is not None:
+            out.update(self.compute_losses(logits, labels, available, beam_scores, teacher_logits))
+        return out
+
+    def compute_losses(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        available: torch.Tensor,
+        beam_scores: Optional[torch.Tensor] = None,
+        teacher_logits: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """``loss`` and its parts from teacher-forced ``logits (B, S, K)``."""
+        ce = ranking_losses.masked_cross_entropy(logits, labels, available, self.config.label_smoothing)
+        return {"loss": ce, "ce_loss": ce}
+
+    @torch.no_grad()
+    def predict(
+        self, query_emb: torch.Tensor, cand_emb: torch.Tensor, top_k: int = 1
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Select ``shot_num`` distinct candidates per query, autoregressively and batched.
+
+        Runs in eval mode (dropout off) and restores the previous mode. Each step picks the most
+        probable still-available candidate; that pick conditions the later steps.
+
+        Args:
+            query_emb: ``(B, d_model)``.
+            cand_emb: ``(B, K, d_model)``.
+            top_k: candidates ranked per step, ``1 <= top_k <= K - shot_num + 1`` (every step then
+                has at least ``top_k`` available candidates).
+
+        Returns:
+            ``top_k == 1``: ``predictions (B, S)`` and their probabilities ``scores (B, S)``.
+            ``top_k > 1``: ``predictions (B, S, top_k)``, the per-step ranking of the available
+            candidates (column 0 is the greedy pick, equal to the ``top_k == 1`` output), and
+            ``scores (B, S, top_k)`` their probabilities (softmax over the available candidates).
+        """
+        cfg = self.config
+        max_top_k = cfg.K - cfg.shot_num + 1
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= max_top_k:
+            raise ValueError(f"top_k must be an integer in [1, K - shot_num + 1 = {max_top_k}], got {top_k!r}")
+        self._check_inputs(query_emb, cand_emb, None)
+        was_training = self.training
+        self.eval()
+        try:
+            query, cands = self.encode(query_emb, cand_emb)
+            _, _, ranked, probs = self._greedy(query, cands, cfg.shot_num, top_k)
+        finally:
+            self.train(was_training)
+        if top_k == 1:
+            return ranked.squeeze(-1), probs.squeeze(-1)
+        return ranked, probs
+
+
+class PointerSelectorV2(PointerSelectorV1):
+    """V1 + one multi-head cross-attention from the query to the candidates, residual + LayerNorm.
+
+    ``q <- LayerNorm(q + MHA(q, cands, cands))`` on the ``hidden_dim`` features after ``input_proj``,
+    before ``query_proj``. The attention sees the whole pool (it does not change across steps).
+
+    Args:
+        config: :class:`PointerSelectorV2Config`, a mapping of its keys, or ``None``.
+    """
+
+    config_class = PointerSelectorV2Config
+    config: PointerSelectorV2Config
+
+    def __init__(self, config: Union[PointerSelectorV2Config, Mapping[str, Any], None] = None) -> None:
+        super().__init__(config)
+        cfg = self.config
+        self.cross_attn = nn.MultiheadAttention(
+            cfg.hidden_dim, cfg.num_heads, dropout=cfg.attn_dropout, batch_first=True
+        )
+        self.attn_norm = nn.LayerNorm(cfg.hidden_dim)
+
+    def _contextualise(self, query: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
+        attended, _ = self.cross_attn(query.unsqueeze(1), cands, cands, need_weights=False)
+        return self.attn_norm(query + attended.squeeze(1))
+
+
+class PointerSelectorV3(PointerSelectorV1):
+    """V1 architecture + ranking loss: ``loss = ce_loss + ranking_loss_weight * ranking_loss``.
+
+    ``ranking_loss_type``:
+
+    * ``listwise``: ``KL(P_target || P_model)`` per step; ``P_target`` puts
+      ``sigmoid(beam_scores[b, s])`` on the labelled candidate and spreads the rest uniformly over
+      the other available candidates (seed 000's text, not its public code's beam-aggregate target;
+      see :func:`~lever_plugins.modules.ranking.beam_listwise_target`). Needs ``beam_scores``.
+    * ``pairwise``: hinge between the labelled candidate and the hardest available negative,
+      margin ``ranking_margin`` (logit units).
+    * ``radi_pairwise`` / ``radi_listwise``: RADI distillation from ``teacher_logits`` (e.g.
+      :func:`mc_dropout_logits` of a trained V1/V2), per step over the available candidates.
+
+    Args:
+        config: :class:`PointerSelectorV3Config`, a mapping of its keys, or ``None``.
+        generator: optional RNG for the RADI cold-list sampling.
+    """
+
+    config_class = PointerSelectorV3Config
+    config: PointerSelectorV3Config
+
+    def __init__(
+        self,
+        config: Union[PointerSelectorV3Config, Mapping[str, Any], None] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> None:
+        super().__init__(config)
+        self.generator = generator
+
+    def compute_losses(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        available: torch.Tensor,
+        beam_scores: Optional[torch.Tensor] = None,
+        teacher_logits: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
+        out = super().compute_losses(logits, labels, available)
+        rank = self.ranking_loss(logits, labels, available, beam_scores, teacher_logits)
+        out["ranking_loss"] = rank
+        out["loss"] = out["ce_loss"] + self.config.ranking_loss_weight * rank
+        return out
+
+    def ranking_loss(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        available: torch.Tensor,
+        beam_scores: Optional[torch.Tensor] = None,
+        teacher_logits: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """The configured ranking loss on teacher-forced ``logits (B, S, K)``."""
+        cfg = self.config
+        kind = cfg.ranking_loss_type
+        if kind == "listwise":
+            if beam_scores is None:
+                raise ValueError("ranking_loss_type 'listwise' needs beam_scores (B, S), the beam file's 'scores'")
+            return ranking_losses.listwise_beam_kl_loss(logits, labels, beam_scores.to(logits.device), available)
+        if kind == "pairwise":
+            return ranking_losses.hardest_negative_margin_loss(logits, labels, available, cfg.ranking_margin)
+        if teacher_logits is None:
+            raise ValueError(
+                f"ranking_loss_type {kind!r} needs teacher_logits (T, B, S, K) or (B, S, K); "
+                "build them with mc_dropout_logits(teacher, query_emb, cand_emb, labels)"
+            )
+        batch, steps, k = logits.shape
+        flat_logits = logits.reshape(batch * steps, k)
+        flat_available = available.reshape(batch * steps, k)
+        if teacher_logits.dim() == 4:
+            flat_teacher = teacher_logits.reshape(teacher_logits.shape[0], batch * steps, k)
+        elif teacher_logits.dim() == 3:
+            flat_teacher = teacher_logits.reshape(batch * steps, k)
+        else:
+            raise ValueError(
+                f"teacher_logits must be (T, B, S, K) or (B, S, K), got {tuple(teacher_logits.shape)}"
+            )
+        if kind == "radi_pairwise":
+            return ranking_losses.adaptive_pairwise_distillation_loss(
+                flat_logits,
+                flat_teacher,
+                flat_available,
+                margin=cfg.ranking_margin,
+                epsilon=cfg.radi_sinkhorn_epsilon,
+                num_iters=cfg.radi_sinkhorn_iters,
+            )
+        return ranking_losses.partial_listwise_distillation_loss(
+            flat_logits,
+            flat_teacher,
+            flat_available,
+            hot_k=cfg.radi_hot_k,
+            cold_k=cfg.radi_cold_k,
+            sampling=cfg.radi_cold_sampling,
+            alpha=cfg.radi_sampling_alpha,
+            list_loss=cfg.radi_list_loss,
+            generator=self.generator,
+        )
+
+
+@torch.no_grad()
+def mc_dropout_logits(
+    teacher: PointerSelectorV1,
+    query_emb: torch.Tensor,
+    cand_emb: torch.Tensor,
+    labels: torch.Tensor,
+    num_samples: int = 8,
+) -> torch.Tensor:
+    """Teacher-forced logits of ``num_samples`` MC-dropout passes (dropout on), for RADI.
+
+    The passes run as one batch of ``num_samples * B`` rows; the teacher's mode is restored.
+
+    Args:
+        teacher: a trained selector (its config's K / d_model must match the inputs).
+        query_emb: ``(B, d_model)``.
+        cand_emb: ``(B, K, d_model)``.
+        labels: ``(B, S)``.
+        num_samples: ``T``.
+
+    Returns:
+        ``(T, B, S, K)``, ``-inf`` on already-chosen candidates.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    was_training = teacher.training
+    teacher.train()
+    try:
+        out = teacher(
+            query_emb.repeat(num_samples, 1),
+            cand_emb.repeat(num_samples, 1, 1),
+            labels.repeat(num_samples, 1),
+            return_loss=False,
+        )
+    finally:
+        teacher.train(was_training)
+    logits = out["logits"]
+    return logits.reshape(num_samples, query_emb.shape[0], *logits.shape[1:])
+
+
+def build_model_v1(config: Union[PointerSelectorV1Config, Mapping[str, Any], None] = None) -> PointerSelectorV1:
+    """Build a :class:`PointerSelectorV1` (defaults: d 768, H 128, K 32, 6 shots, 131,456 params)."""
+    return PointerSelectorV1(config)
+
+
+def build_model_v2(config: Union[PointerSelectorV2Config, Mapping[str, Any], None] = None) -> PointerSelectorV2:
+    """Build a :class:`PointerSelectorV2` (defaults: 4 heads, H 128 -> 197,760 params)."""
+    return PointerSelectorV2(config)
+
+
+def build_model_v3(
+    config: Union[PointerSelectorV3Config, Mapping[str, Any], None] = None,
+    generator: Optional[torch.Generator] = None,
+) -> PointerSelectorV3:
+    """Build a :class:`PointerSelectorV3` (defaults: listwise, lambda 0.1, 131,456 params)."""
+    return PointerSelectorV3(config, generator=generator)

@@ -1,0 +1,170 @@
+"""Recipes and the CLI: validation reports every problem, overrides, and no LAVIS import on the fast paths."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from lever_plugins.cli import main
+from lever_plugins.recipes import apply_overrides, load_recipe, resolve
+from lever_plugins.schema import RecipeError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO, "recipes", "demo", "cirr_gated.yaml")
+
+
+def _write(tmp_path, text: str, name: str = "recipe.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def _demo_recipe() -> dict:
+    with open(DEMO) as handle:
+        return yaml.safe_load(handle)
+
+
+def test_demo_recipe_resolves_with_preset_and_defaults():
+    resolved = load_recipe(DEMO)
+    model = resolved.data["model"]
+    assert model["use_gated_fusion"] is True
+    assert model["vision"]["width"] == 64  # from the tiny preset
+    assert model["gated_fusion"]["alpha_init"] == 0.0
+    assert os.path.isabs(resolved.data["run"]["output_dir"])
+    assert os.path.isabs(resolved.data["datasets"]["lever_cirr"]["root"])
+    assert resolved.data["run"]["max_grad_norm"] is None  # default filled in explicitly
+
+
+def test_typo_and_bad_values_are_all_reported_at_once():
+    recipe = _demo_recipe()
+    recipe["model"]["use_gated_fuson"] = True
+    recipe["model"]["gated_fusion"]["num_heads"] = "four"
+    recipe["run"]["max_epoch"] = 0
+    recipe["datasets"]["lever_cirr"]["imagesize"] = 32
+    with pytest.raises(RecipeError) as info:
+        resolve(recipe)
+    problems = info.value.problems
+    assert "model.use_gated_fuson: unknown key (did you mean 'use_gated_fusion'?)" in problems
+    assert any(p.startswith("model.gated_fusion.num_heads: expected an integer") for p in problems)
+    assert "run.max_epoch: must be >= 1, got 0" in problems
+    assert any(p.startswith("datasets.lever_cirr.imagesize: unknown key (did you mean 'image_size'?)") for p in problems)
+    assert len(problems) == 4
+
+
+def test_unknown_names_list_known_ones_with_suggestion():
+    recipe = _demo_recipe()
+    recipe["model"]["arch"] = "lever_blip2_cirr"
+    recipe["run"]["task"] = "lever_composed_retreival"
+    with pytest.raises(RecipeError) as info:
+        resolve(recipe)
+    text = "\n".join(info.value.problems)
+    assert "unknown model 'lever_blip2_cirr' (did you mean 'lever_blip2_cir'?)" in text
+    assert "unknown task 'lever_composed_retreival' (did you mean 'lever_composed_retrieval'?)" in text
+
+
+def test_overrides_parse_yaml_and_split_on_first_equals():
+    recipe = apply_overrides(
+        {"model": {"a": 1}}, ["model.use_gated_fusion=false", "run.note=x=y", "model.gated_fusion.alpha_init=0.5"]
+    )
+    assert recipe["model"]["use_gated_fusion"] is False
+    assert recipe["run"]["note"] == "x=y"
+    assert recipe["model"]["gated_fusion"]["alpha_init"] == 0.5
+    with pytest.raises(RecipeError, match="expected KEY.PATH=VALUE"):
+        apply_overrides({}, ["model.use_gated_fusion"])
+    with pytest.raises(RecipeError, match="model.a is not a mapping"):
+        apply_overrides({"model": {"a": 1}}, ["model.a.b=2"])
+
+
+def test_baseline_switch_needs_no_source_edit():
+    resolved = load_recipe(DEMO, ["model.use_gated_fusion=false"])
+    assert resolved.data["model"]["use_gated_fusion"] is False
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    path = _write(tmp_path, "model:\n  arch: lever_blip2_cir\n  bad: [unclosed\nrun: {}\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert info.value.problems[0].startswith(f"{path}:")
+    assert "malformed YAML" in info.value.problems[0]
+
+
+def test_missing_paths_are_reported_by_validate(tmp_path):
+    resolved_ok = load_recipe(DEMO, ["datasets.lever_cirr.generate_demo=false", f"datasets.lever_cirr.root={tmp_path}/nope"])
+    assert resolved_ok is not None  # paths are only checked on request
+    with pytest.raises(RecipeError) as info:
+        load_recipe(DEMO, ["datasets.lever_cirr.generate_demo=false", f"datasets.lever_cirr.root={tmp_path}/nope"],
+                    check_paths=True)
+    assert info.value.problems == [f"datasets.lever_cirr.root: directory not found: {tmp_path}/nope"]
+
+
+@pytest.mark.parametrize("name", ["cirr_gated.yaml", "cirr_baseline.yaml"])
+def test_real_recipes_validate(name):
+    resolved = load_recipe(os.path.join(REPO, "recipes", name))
+    assert resolved.data["model"]["model_type"] == "pretrain"
+    assert resolved.data["model"]["vision"]["width"] == 1408
+    assert resolved.data["model"]["use_gated_fusion"] is (name == "cirr_gated.yaml")
+
+
+def test_cli_validate_exit_codes(tmp_path):
+    runner = CliRunner()
+    ok = runner.invoke(main, ["validate", DEMO])
+    assert ok.exit_code == 0, ok.output
+    bad = runner.invoke(main, ["validate", DEMO, "--set", "model.use_gated_fuson=true", "--set", "run.amp=maybe"])
+    assert bad.exit_code == 2
+    assert "Traceback" not in bad.output
+    lines = [line for line in bad.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 2
+    missing = runner.invoke(main, ["validate", str(tmp_path / "none.yaml")])
+    assert missing.exit_code == 2 and "recipe file not found" in missing.output
+
+
+def test_cli_dry_run_prints_plan_with_parameter_count():
+    result = CliRunner().invoke(main, ["run", DEMO, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    # tiny preset: vision width 64, Q-Former hidden 64 -> 3*64^2 + 2*64*64 + 4*64 + 1 parameters
+    assert f"{3 * 64 * 64 + 2 * 64 * 64 + 4 * 64 + 1:,} parameters" in result.output
+    assert "GatedFusionModule(hidden_size=64, text_width=64, num_heads=4)" in result.output
+    off = CliRunner().invoke(main, ["run", DEMO, "--dry-run", "--set", "model.use_gated_fusion=false"])
+    assert "gated_fusion: off" in off.output
+
+
+def test_cli_list_shows_every_plugin_and_its_keys():
+    from lever_plugins import catalog
+
+    result = CliRunner().invoke(main, ["list"])
+    assert result.exit_code == 0
+    for spec in catalog.PLUGINS:
+        assert spec.name in result.output
+        assert spec.name.startswith("lever_")
+    assert "use_gated_fusion (bool, default False)" in result.output
+    assert "gated_fusion.alpha_init" in result.output
+
+
+def test_fast_paths_do_not_import_lavis_or_torch():
+    code = textwrap.dedent(
+        f"""
+        import sys
+        import lever_plugins
+        from click.testing import CliRunner
+        from lever_plugins.cli import main
+        assert CliRunner().invoke(main, ["--help"]).exit_code == 0
+        assert CliRunner().invoke(main, ["validate", {DEMO!r}]).exit_code == 0
+        assert CliRunner().invoke(main, ["list"]).exit_code == 0
+        heavy = [m for m in ("lavis", "torch", "transformers") if m in sys.modules]
+        assert not heavy, heavy
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_lazy_public_names():
+    import lever_plugins
+
+    assert "GatedFusionModule" in dir(lever_plugins)
+    with pytest.raises(AttributeError):
+        lever_plugins.NoSuchThing  # noqa: B018
