@@ -185,3 +185,10 @@ def test_write_submission_is_complete_json(tmp_path):
 def test_duplicate_pair_ids_rejected():
     with pytest.raises(ValueError, match="distinct"):
         cirr_submission(SIMS, [1, 1, 2], REFERENCES, GALLERY, MEMBERS)
+
+
+def test_reference_outside_the_gallery_removes_nothing():
+    sims = torch.tensor([[0.9, 0.8, 0.1]])
+    metrics = cirr_metrics(sims, ["elsewhere"], ["b"], ["a", "b", "c"], [["elsewhere", "a", "b"]])
+    assert metrics["recall_at1"] == 0.0 and metrics["recall_at5"] == 100.0
+    assert metrics["recall_subset_at1"] == 0.0  # a is a member and outscores b

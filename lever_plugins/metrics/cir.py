@@ -87,7 +87,7 @@ def _without_reference(scores: torch.Tensor, reference_idx: torch.Tensor) -> tor
 
 def _member_matrix(
     group_members: Sequence[Sequence[str]],
-    reference_idx: torch.Tensor,
+    reference_names: Sequence[str],
     index: Mapping[str, int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gallery indices of each query's candidates (members minus the reference).
@@ -98,13 +98,13 @@ def _member_matrix(
     """
     rows: list[list[int]] = []
     for query, members in enumerate(group_members):
-        reference = int(reference_idx[query])
         candidates = set()
         for name in members:
+            if name == reference_names[query]:
+                continue
             if name not in index:
                 raise ValueError(f"query {query}: group member {name!r} is not in the gallery")
             candidates.add(index[name])
-        candidates.discard(reference)
         rows.append(sorted(candidates))
     width = max((len(r) for r in rows), default=0)
     if width == 0:
@@ -140,7 +140,7 @@ def cirr_metrics(
             its reference.
         gallery_names: ``G`` distinct image names, the columns of ``sims``.
         group_members: ``N`` lists of image names (CIRR ``img_set.members``, reference included);
-            every member must be in the gallery and the target among them.
+            every member other than the reference must be in the gallery, the target among them.
 
     Returns:
         ``recall_at1``, ``recall_at5``, ``recall_at10``, ``recall_at50``, ``recall_subset_at1``,
@@ -176,7 +176,7 @@ def cirr_metrics(
     ahead = (masked > target_score) | ((masked == target_score) & (gallery_col < target_col))
     global_ranks = ahead.sum(dim=1)
 
-    member_idx, valid = _member_matrix(group_members, reference_idx, index)
+    member_idx, valid = _member_matrix(group_members, reference_names, index)
     member_idx, valid = member_idx.to(device), valid.to(device)
     has_target = ((member_idx == target_col) & valid).any(dim=1)
     if not bool(has_target.all()):
@@ -241,7 +241,7 @@ def cirr_submission(
         ranked = [names[j] for j in order[query] if j != reference]
         recall[str(int(pair_id))] = ranked[:top_k]
 
-    member_idx, valid = _member_matrix(group_members, reference_idx, index)
+    member_idx, valid = _member_matrix(group_members, reference_names, index)
     member_idx, valid = member_idx.to(scores.device), valid.to(scores.device)
     member_score = scores.gather(1, member_idx)
     by_score = torch.sort(member_score, dim=1, descending=True, stable=True).indices
