@@ -1,0 +1,396 @@
+"""Pointer selectors V1/V2/V3: configs, shapes, masking, teacher forcing, gradients, learning."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import lever_plugins
+from lever_plugins.modules.pointer import (
+    PointerSelectorV1,
+    PointerSelectorV1Config,
+    PointerSelectorV2,
+    PointerSelectorV2Config,
+    PointerSelectorV3,
+    PointerSelectorV3Config,
+    build_model_v1,
+    build_model_v2,
+    build_model_v3,
+    mc_dropout_logits,
+    pointer_parameter_count,
+)
+
+SMALL = dict(d_model=24, hidden_dim=16, K=10, shot_num=4)
+
+
+def _inputs(batch=5, d=24, k=10, steps=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, d, generator=gen)
+    cands = torch.randn(batch, k, d, generator=gen)
+    labels = torch.stack([torch.randperm(k, generator=gen)[:steps] for _ in range(batch)])
+    beam = torch.randn(batch, steps, generator=gen)
+    return query, cands, labels, beam
+
+
+def _small_models():
+    return [
+        build_model_v1(SMALL),
+        build_model_v1({**SMALL, "query_update": "additive"}),
+        build_model_v2({**SMALL, "num_heads": 2}),
+        *(build_model_v3({**SMALL, "ranking_loss_type": kind}) for kind in ("listwise", "pairwise", "radi_pairwise", "radi_listwise")),
+    ]
+
+
+def _model_id(model):
+    cfg = model.config
+    return f"{type(model).__name__}-{getattr(cfg, 'ranking_loss_type', cfg.query_update)}"
+
+
+MODELS = _small_models()
+
+
+def _run(model, query, cands, labels, beam):
+    teacher = None
+    if getattr(model.config, "ranking_loss_type", "").startswith("radi"):
+        teacher = mc_dropout_logits(build_model_v1(SMALL), query, cands, labels, num_samples=3)
+    return model(query, cands, labels, beam_scores=beam, teacher_logits=teacher)
+
+
+# ------------------------------------------------------------------ parameter counts
+
+
+def _formula(d, h, cross_attention):
+    bi_encoder = (d * h + h) + 2 * (h * h + h)  # shared input_proj + query_proj + cand_proj
+    attention = (3 * h * h + 3 * h) + (h * h + h) + 2 * h  # in-proj, out-proj, LayerNorm
+    return bi_encoder + (attention if cross_attention else 0)
+
+
+def _count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_default_parameter_counts():
+    assert _count(build_model_v1()) == 131_456 == _formula(768, 128, False)
+    assert _count(build_model_v3()) == 131_456
+    assert _count(build_model_v2()) == _formula(768, 128, True) == 197_760
+    v2_wide = build_model_v2(PointerSelectorV2Config(hidden_dim=256))
+    assert _count(v2_wide) == _formula(768, 256, True)
+    assert round(_count(v2_wide) / 1e6, 2) == 0.59  # the seed's "0.59 M" holds at hidden 256
+
+
+@pytest.mark.parametrize("model", MODELS, ids=_model_id)
+def test_parameter_count_without_building(model):
+    assert pointer_parameter_count(model.config) == _count(model)
+
+
+def test_seed_defaults():
+    v1, v2, v3 = PointerSelectorV1Config(), PointerSelectorV2Config(), PointerSelectorV3Config()
+    assert (v1.d_model, v1.hidden_dim, v1.K, v1.shot_num) == (768, 128, 32, 6)
+    assert (v1.temperature, v1.dropout, v1.label_smoothing) == (0.1, 0.3, 0.2)
+    assert (v2.label_smoothing, v2.num_heads, v2.attn_dropout) == (0.1, 4, 0.1)
+    assert (v3.ranking_loss_type, v3.ranking_loss_weight, v3.label_smoothing) == ("listwise", 0.1, 0.2)
+
+
+def test_lazy_top_level_names():
+    assert lever_plugins.PointerSelectorV2 is PointerSelectorV2
+    assert lever_plugins.build_model_v3 is build_model_v3
+
+
+# ------------------------------------------------------------------ configs
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, key",
+    [
+        (PointerSelectorV1Config, {"hidden_dim": 0}, "hidden_dim"),
+        (PointerSelectorV1Config, {"temperature": 0.0}, "temperature"),
+        (PointerSelectorV1Config, {"dropout": 1.0}, "dropout"),
+        (PointerSelectorV1Config, {"label_smoothing": -0.1}, "label_smoothing"),
+        (PointerSelectorV1Config, {"K": 4, "shot_num": 5}, "shot_num"),
+        (PointerSelectorV1Config, {"K": 32.5}, "K"),
+        (PointerSelectorV1Config, {"shot_num": True}, "shot_num"),
+        (PointerSelectorV1Config, {"query_update": "gru"}, "query_update"),
+        (PointerSelectorV2Config, {"hidden_dim": 30, "num_heads": 4}, "num_heads"),
+        (PointerSelectorV2Config, {"attn_dropout": 1.5}, "attn_dropout"),
+        (PointerSelectorV3Config, {"ranking_loss_type": "lambdarank"}, "ranking_loss_type"),
+        (PointerSelectorV3Config, {"ranking_loss_weight": -1.0}, "ranking_loss_weight"),
+        (PointerSelectorV3Config, {"radi_cold_sampling": "uniform"}, "radi_cold_sampling"),
+        (PointerSelectorV3Config, {"radi_hot_k": 33}, "radi_hot_k"),
+        (PointerSelectorV3Config, {"radi_list_loss": "lambdaloss"}, "radi_list_loss"),
+    ],
+)
+def test_config_rejects_bad_values(cls, kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        cls(**kwargs)
+
+
+def test_builders_check_config_types_and_keys():
+    with pytest.raises(TypeError, match="PointerSelectorV2Config"):
+        build_model_v2(PointerSelectorV1Config())
+    with pytest.raises(ValueError, match="hiden_dim"):
+        build_model_v1({"hiden_dim": 64})
+    assert build_model_v2({"hidden_dim": 64}).config.hidden_dim == 64
+
+
+# ------------------------------------------------------------------ forward / shapes / masking
+
+
+@pytest.mark.parametrize("model", MODELS, ids=_model_id)
+def test_forward_shapes_finite_loss_and_masking(model):
+    query, cands, labels, beam = _inputs()
+    out = _run(model, query, cands, labels, beam)
+    assert out["logits"].shape == (5, 4, 10) and out["predictions"].shape == (5, 4)
+    assert torch.isfinite(out["loss"]) and out["loss"].dim() == 0
+    for s in range(4):
+        chosen = out["logits"][torch.arange(5)[:, None], s, labels[:, :s]]
+        assert torch.isinf(chosen).all() and (chosen < 0).all()
+        assert torch.isfinite(out["logits"][:, s]).sum() == 5 * (10 - s)
+
+
+@pytest.mark.parametrize("model", MODELS, ids=_model_id)
+def test_every_parameter_gets_a_finite_gradient(model):
+    model.zero_grad()
+    query, cands, labels, beam = _inputs(seed=3)
+    _run(model, query, cands, labels, beam)["loss"].backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None, name
+        assert torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0, name
+
+
+def test_loss_is_finite_when_the_whole_pool_is_selected():
+    cfg = dict(d_model=8, hidden_dim=8, K=4, shot_num=4)
+    query, cands, labels, beam = _inputs(batch=3, d=8, k=4, steps=4)
+    for model in (build_model_v1(cfg), build_model_v3({**cfg, "ranking_loss_type": "pairwise"}), build_model_v3(cfg)):
+        out = model(query, cands, labels, beam_scores=beam)
+        assert torch.isfinite(out["loss"])
+        out["loss"].backward()
+        pred, _ = model.predict(query, cands)
+        assert sorted(pred[0].tolist()) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("model", MODELS[:3], ids=_model_id)
+def test_predict_never_repeats_and_is_batched_consistently(model):
+    query, cands, _, _ = _inputs(batch=64, seed=5)
+    pred, scores = model.predict(query, cands)
+    assert pred.shape == scores.shape == (64, 4)
+    assert all(len(set(row.tolist())) == 4 for row in pred)
+    assert ((scores > 0) & (scores <= 1)).all()
+    # One query at a time gives the same selections as the batch.
+    for i in (0, 17, 63):
+        single, _ = model.predict(query[i : i + 1], cands[i : i + 1])
+        assert torch.equal(single[0], pred[i])
+    # Decoding its own picks teacher-forced reproduces them.
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(query, cands, pred, return_loss=False)["predictions"], pred)
+
+
+def test_predict_top_k_ranks_available_candidates():
+    model = build_model_v1({**SMALL, "query_update": "additive"})
+    query, cands, _, _ = _inputs(batch=8)
+    ranked, probs = model.predict(query, cands, top_k=3)
+    greedy, greedy_probs = model.predict(query, cands)
+    assert ranked.shape == probs.shape == (8, 4, 3)
+    assert torch.equal(ranked[..., 0], greedy) and torch.allclose(probs[..., 0], greedy_probs)
+    assert (probs[..., :-1] >= probs[..., 1:]).all()
+    for b in range(8):
+        for s in range(4):
+            assert not set(ranked[b, s].tolist()) & set(greedy[b, :s].tolist())
+    with pytest.raises(ValueError, match="top_k"):
+        model.predict(query, cands, top_k=8)  # K - shot_num + 1 = 7
+
+
+def test_predict_restores_training_mode_and_is_deterministic():
+    model = build_model_v2({**SMALL, "num_heads": 2})
+    query, cands, _, _ = _inputs()
+    model.train()
+    first = model.predict(query, cands)
+    assert model.training
+    second = model.predict(query, cands)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+@pytest.mark.parametrize("model", MODELS[:3], ids=_model_id)
+def test_dropout_in_train_mode_only(model):
+    query, cands, labels, _ = _inputs()
+    model.train()
+    a, b = (model(query, cands, labels)["logits"] for _ in range(2))
+    assert not torch.equal(a, b)
+    model.eval()
+    with torch.no_grad():
+        c, d = (model(query, cands, labels)["logits"] for _ in range(2))
+    assert torch.equal(c, d)
+    model.train()
+
+
+# ------------------------------------------------------------------ teacher forcing
+
+
+def test_teacher_forcing_uses_labels_not_predictions():
+    model = build_model_v1(SMALL).eval()
+    query, cands, _, _ = _inputs(batch=4)
+    with torch.no_grad():
+        step0 = model(query, cands, None, return_loss=False)["logits"][:, 0]
+        worst = step0.argmin(-1)  # a label the model would never pick
+        best = step0.argmax(-1)
+        other = torch.stack([torch.tensor([w, (w + 1) % 10, (w + 2) % 10]) for w in worst.tolist()])
+        forced = model(query, cands, other)["logits"]
+    # Step 1 masks the label of step 0 (the argmin), not the model's own choice (the argmax).
+    assert torch.isinf(forced[torch.arange(4), 1, worst]).all()
+    assert torch.isfinite(forced[torch.arange(4), 1, best]).all()
+
+
+@pytest.mark.parametrize("update", ["none", "additive"])
+def test_step_logits_depend_only_on_earlier_labels(update):
+    model = build_model_v1({**SMALL, "query_update": update}).eval()
+    query, cands, labels, _ = _inputs(batch=6, seed=2)
+    changed = labels.clone()
+    changed[:, 2:] = torch.stack([torch.tensor([c for c in range(10) if c not in row[:2]][-2:]) for row in labels.tolist()])
+    with torch.no_grad():
+        a = model(query, cands, labels)["logits"]
+        b = model(query, cands, changed)["logits"]
+    torch.testing.assert_close(a[:, :3], b[:, :3])  # steps 0..2 see labels[:, :2] only
+    assert not torch.equal(a[:, 3], b[:, 3])
+
+
+def test_additive_query_state_matches_manual_computation():
+    model = build_model_v1({**SMALL, "query_update": "additive"}).eval()
+    query, cands, labels, _ = _inputs(batch=3, seed=4)
+    with torch.no_grad():
+        logits = model(query, cands, labels)["logits"]
+        q, c = model.encode(query, cands)
+        for b in range(3):
+            state = q[b].clone()
+            for s in range(4):
+                expected = torch.nn.functional.cosine_similarity(state.expand(10, -1), c[b], dim=-1) / 0.1
+                keep = torch.ones(10, dtype=torch.bool)
+                keep[labels[b, :s]] = False
+                torch.testing.assert_close(logits[b, s, keep], expected[keep], rtol=1e-5, atol=1e-5)
+                state = state + c[b, labels[b, s]]
+
+
+def test_fixed_query_state_gives_the_same_scores_at_every_step():
+    model = build_model_v1(SMALL).eval()
+    query, cands, labels, _ = _inputs()
+    with torch.no_grad():
+        logits = model(query, cands, labels)["logits"]
+    finite = torch.isfinite(logits[:, 3])
+    torch.testing.assert_close(logits[:, 0][finite], logits[:, 3][finite])
+
+
+# ------------------------------------------------------------------ V3 losses in the model
+
+
+def test_v3_total_is_ce_plus_weighted_ranking_and_weight_zero_is_v1():
+    query, cands, labels, beam = _inputs()
+    v3 = build_model_v3({**SMALL, "ranking_loss_weight": 0.3}).eval()
+    out = v3(query, cands, labels, beam_scores=beam)
+    assert out["loss"].item() == pytest.approx(out["ce_loss"].item() + 0.3 * out["ranking_loss"].item(), rel=1e-6)
+    assert out["ranking_loss"].item() > 0
+
+    v1 = build_model_v1(SMALL).eval()
+    v1.load_state_dict(v3.state_dict())
+    v3_zero = build_model_v3({**SMALL, "ranking_loss_weight": 0.0}).eval()
+    v3_zero.load_state_dict(v3.state_dict())
+    assert v3_zero(query, cands, labels, beam_scores=beam)["loss"].item() == pytest.approx(
+        v1(query, cands, labels)["loss"].item(), rel=1e-6
+    )
+
+
+def test_v3_needs_its_ranking_inputs():
+    query, cands, labels, _ = _inputs()
+    with pytest.raises(ValueError, match="beam_scores"):
+        build_model_v3(SMALL)(query, cands, labels)
+    with pytest.raises(ValueError, match="teacher_logits"):
+        build_model_v3({**SMALL, "ranking_loss_type": "radi_pairwise"})(query, cands, labels)
+    # Without a loss nothing is needed.
+    assert "loss" not in build_model_v3(SMALL)(query, cands, labels, return_loss=False)
+
+
+def test_mc_dropout_logits_shapes_variation_and_mode():
+    teacher = build_model_v1(SMALL).eval()
+    query, cands, labels, _ = _inputs(batch=2)
+    samples = mc_dropout_logits(teacher, query, cands, labels, num_samples=4)
+    assert samples.shape == (4, 2, 4, 10)
+    assert not torch.equal(samples[0], samples[1])  # dropout was on
+    assert not teacher.training and not samples.requires_grad
+    assert torch.isinf(samples[:, torch.arange(2), 1, labels[:, 0]]).all()
+
+
+# ------------------------------------------------------------------ input validation
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda q, c, y: (q, c, torch.tensor([[0, 1, 1, 2]] * 5)), "repeat"),
+        (lambda q, c, y: (q, c, y + 10), r"\[0, 10\)"),
+        (lambda q, c, y: (q, c, y.float()), "integer"),
+        (lambda q, c, y: (q, c[:, :9], y), "cand_emb"),
+        (lambda q, c, y: (q[:, :20], c, y), "query_emb"),
+        (lambda q, c, y: (q, c, y[:3]), "labels"),
+    ],
+)
+def test_bad_inputs_are_rejected(change, match):
+    model = build_model_v1(SMALL)
+    with pytest.raises(ValueError, match=match):
+        model(*change(*_inputs()[:3]))
+
+
+def test_state_dict_round_trip():
+    model = build_model_v2({**SMALL, "num_heads": 2}).eval()
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    clone = PointerSelectorV2(model.config).eval()
+    clone.load_state_dict(torch.load(buffer, weights_only=True))
+    query, cands, labels, _ = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(model(query, cands, labels)["loss"], clone(query, cands, labels)["loss"])
+
+
+# ------------------------------------------------------------------ learning a planted rule
+
+
+@pytest.fixture
+def one_thread():
+    # Two threads on a busy 2-core machine can make small ops ~50x slower (spin contention).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("cls", [PointerSelectorV1, PointerSelectorV3])
+def test_selector_learns_a_planted_rule(cls, one_thread):
+    """Relevance = <U q, V c> with hidden rank-4 maps; labels = the 4 most relevant, best first."""
+    d, k, steps = 32, 16, 4
+    gen = torch.Generator().manual_seed(0)
+    u_map, v_map = torch.randn(4, d, generator=gen), torch.randn(4, d, generator=gen)
+
+    def batch(n):
+        query = torch.randn(n, d, generator=gen)
+        cands = torch.randn(n, k, d, generator=gen)
+        relevance = torch.einsum("br,bkr->bk", query @ u_map.T, cands @ v_map.T)
+        order = relevance.argsort(-1, descending=True)[:, :steps]
+        return query, cands, order, relevance.gather(1, order)
+
+    torch.manual_seed(0)
+    model = cls(cls.config_class(d_model=d, hidden_dim=32, K=k, shot_num=steps))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(250):
+        query, cands, labels, rel = batch(64)
+        loss = model(query, cands, labels, beam_scores=rel)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    query, cands, labels, _ = batch(512)
+    model.eval()
+    with torch.no_grad():
+        step_top1 = (model(query, cands, labels, return_loss=False)["predictions"] == labels).float().mean()
+    predictions, _ = model.predict(query, cands)
+    first_pick = (predictions[:, 0] == labels[:, 0]).float().mean()
+    chance = 1 / k
+    assert step_top1 > 8 * chance, step_top1  # ~0.75 in practice
+    assert first_pick > 8 * chance, first_pick
