@@ -316,6 +316,11 @@ def test_mc_dropout_logits_shapes_variation_and_mode():
     assert not torch.equal(samples[0], samples[1])  # dropout was on
     assert not teacher.training and not samples.requires_grad
     assert torch.isinf(samples[:, torch.arange(2), 1, labels[:, 0]]).all()
+    # Without dropout every sample is the ordinary teacher-forced forward pass.
+    for teacher in (build_model_v1({**SMALL, "dropout": 0.0}), build_model_v2({**SMALL, "dropout": 0.0, "attn_dropout": 0.0, "num_heads": 2})):
+        samples = mc_dropout_logits(teacher, query, cands, labels, num_samples=2)
+        expected = teacher(query, cands, labels, return_loss=False)["logits"].detach()
+        torch.testing.assert_close(samples, expected.expand(2, -1, -1, -1))
 
 
 # ------------------------------------------------------------------ input validation

@@ -149,7 +149,7 @@ def test_sinkhorn_four_candidates_closed_form():
     eps = 3.0
     u = torch.zeros(1, 4, 4, dtype=torch.float64)
     u[0, 0, 1] = u[0, 1, 0] = 0.25
-    w = sinkhorn_margin_weights(u, epsilon=eps, num_iters=200)[0]
+    w = sinkhorn_margin_weights(u, epsilon=eps, num_iters=500, tolerance=1e-12)[0]
     root = math.sqrt(math.exp(-6.0 / eps))
     uncertain, other = 3 * root / (root + 2), 3 / (root + 2)
     expected = torch.tensor(

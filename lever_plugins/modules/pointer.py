@@ -226,8 +226,10 @@ class PointerSelectorV1(nn.Module):
         Returns:
             query ``(B, H)`` and candidates ``(B, K, H)``.
         """
-        query = self.input_proj(query_emb)
-        cands = self.input_proj(cand_emb)
+        return self._encode_hidden(self.input_proj(query_emb), self.input_proj(cand_emb))
+
+    def _encode_hidden(self, query: torch.Tensor, cands: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Everything after ``input_proj`` (the only part with dropout)."""
         query = self._contextualise(query, cands)
         return self.dropout(self.query_proj(query)), self.dropout(self.cand_proj(cands))
 
@@ -549,7 +551,8 @@ def mc_dropout_logits(
 ) -> torch.Tensor:
     """Teacher-forced logits of ``num_samples`` MC-dropout passes (dropout on), for RADI.
 
-    The passes run as one batch of ``num_samples * B`` rows; the teacher's mode is restored.
+    ``input_proj`` (d_model -> hidden, most of the compute, no dropout) runs once; the layers after
+    it run as one batch of ``num_samples * B`` rows. The teacher's mode is restored.
 
     Args:
         teacher: a trained selector (its config's K / d_model must match the inputs).
@@ -563,18 +566,17 @@ def mc_dropout_logits(
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    teacher._check_inputs(query_emb, cand_emb, labels)
     was_training = teacher.training
     teacher.train()
     try:
-        out = teacher(
-            query_emb.repeat(num_samples, 1),
-            cand_emb.repeat(num_samples, 1, 1),
-            labels.repeat(num_samples, 1),
-            return_loss=False,
+        hidden_query, hidden_cands = teacher.input_proj(query_emb), teacher.input_proj(cand_emb)
+        query, cands = teacher._encode_hidden(
+            hidden_query.repeat(num_samples, 1), hidden_cands.repeat(num_samples, 1, 1)
         )
+        logits, _ = teacher._teacher_forced_logits(query, cands, labels.long().repeat(num_samples, 1))
     finally:
         teacher.train(was_training)
-    logits = out["logits"]
     return logits.reshape(num_samples, query_emb.shape[0], *logits.shape[1:])
 
 
