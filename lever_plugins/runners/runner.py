@@ -440,6 +440,17 @@ class LeverRunner(RunnerBase):
             return
         from omegaconf import OmegaConf
 
+        recipe_path = os.path.join(self.output_dir, "recipe.yaml")
+        if not os.path.isfile(recipe_path):
+            # Started by LAVIS's own train.py rather than our CLI: keep the recipe beside the outputs.
+            import yaml
+
+            plain = OmegaConf.to_container(self.config.config, resolve=True)
+            recipe = {key: plain[key] for key in ("model", "datasets", "run") if key in plain}
+            with open(f"{recipe_path}.tmp", "w", encoding="utf-8") as handle:
+                yaml.safe_dump(recipe, handle, sort_keys=False)
+            os.replace(f"{recipe_path}.tmp", recipe_path)
+
         with open(os.path.join(self.output_dir, "log.txt"), "a", encoding="utf-8") as handle:
             handle.write(json.dumps(OmegaConf.to_container(self.config.config, resolve=True), indent=4) + "\n")
 

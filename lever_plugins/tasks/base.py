@@ -77,6 +77,12 @@ class LeverTask(BaseTask):
         settings = from_mapping(cls.settings_cls, run_block, "run", problems)
         if problems:
             raise RecipeError(problems)
+        if cfg is not None:
+            # A recipe run by LAVIS's own train.py was not resolved by our CLI: fill in the defaults
+            # so the runner reads exactly the values that were validated.
+            for key, value in settings.to_dict().items():
+                if key not in cfg.run_cfg:
+                    cfg.run_cfg[key] = value
         return cls(settings)
 
     # -------------------------------------------------------------------------- hooks
