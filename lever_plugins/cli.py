@@ -51,10 +51,29 @@ def validate(recipe: str, overrides: Sequence[str], no_check_paths: bool, debug:
                f"task {resolved.data['run']['task']}, datasets {', '.join(resolved.data['datasets'])})")
 
 
+def recipe_reference_markdown() -> str:
+    """The README's recipe reference: one table per settings block."""
+    lines = []
+    for spec in catalog.PLUGINS:
+        cls = spec.settings_class()
+        if cls is None:
+            continue
+        lines += ["", f"#### `{spec.recipe_block}` ({spec.kind} `{spec.name}`)", "",
+                  "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        for key, type_name, default, help_text in describe(cls):
+            cells = [f"`{key}`", type_name, f"`{default}`", help_text]
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines).strip() + "\n"
+
+
 @main.command(name="list")
 @click.option("--keys/--no-keys", default=True, help="show the recipe keys each plugin reads")
-def list_plugins(keys: bool) -> None:
+@click.option("--markdown", is_flag=True, help="print the recipe reference as Markdown tables (as in the README)")
+def list_plugins(keys: bool, markdown: bool) -> None:
     """List every registered plugin: kind, name, class, purpose and recipe keys."""
+    if markdown:
+        click.echo(recipe_reference_markdown(), nl=False)
+        return
     for spec in catalog.PLUGINS:
         click.echo(f"{spec.kind:<12} {spec.name:<26} {spec.target}")
         click.echo(f"{'':<12} {spec.purpose}")

@@ -168,3 +168,13 @@ def test_lazy_public_names():
     assert "GatedFusionModule" in dir(lever_plugins)
     with pytest.raises(AttributeError):
         lever_plugins.NoSuchThing  # noqa: B018
+
+
+def test_readme_recipe_reference_is_in_sync_with_the_settings():
+    from lever_plugins.cli import recipe_reference_markdown
+
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as handle:
+        readme = handle.read()
+    assert recipe_reference_markdown() in readme, "regenerate with: lever-plugins list --markdown"
+    assert readme.lstrip().startswith("# lever-plugins")
+    assert "lever-plugins run recipes/demo/cirr_gated.yaml" in readme.split("\n## ")[0]

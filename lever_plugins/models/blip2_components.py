@@ -133,7 +133,7 @@ def build_qformer(settings: QformerSettings, vision_width: int, vocab_size: int)
             "attention_probs_dropout_prob": settings.attention_probs_dropout_prob,
             "max_position_embeddings": settings.max_position_embeddings,
             "type_vocab_size": 2,
-            "initializer_range": 0.02,
+            "initializer_range": settings.initializer_range,
             "layer_norm_eps": 1e-12,
             "pad_token_id": 0,
             "position_embedding_type": "absolute",

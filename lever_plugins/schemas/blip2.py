@@ -47,6 +47,7 @@ class QformerSettings(Settings):
     max_position_embeddings: int = setting(512, help="BERT positions", ge=1)
     hidden_dropout_prob: float = setting(0.1, help="BERT dropout", ge=0, lt=1)
     attention_probs_dropout_prob: float = setting(0.1, help="BERT attention dropout", ge=0, lt=1)
+    initializer_range: float = setting(0.02, help="std of the random init (BERT: 0.02; larger helps tiny models trained from scratch)", gt=0)
     cross_attention_freq: int = setting(2, help="a cross-attention layer every N layers", ge=1)
     num_query_token: int = setting(32, help="learned query tokens", ge=1)
     vocab_file: Optional[str] = setting(
