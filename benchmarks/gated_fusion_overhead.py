@@ -168,6 +168,20 @@ def main() -> None:
         with torch.no_grad():
             fusion_pass(use_plugin)
 
+    # Matmul/attention FLOPs per call, counted by torch (independent of machine load).
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops: dict[str, dict[bool, int]] = {}
+    for mode, step, train in (("train step", train_step, True), ("eval forward", eval_forward, False)):
+        qformer.train(train)
+        fusion.train(train)
+        flops[mode] = {}
+        for flag in (False, True):
+            counter = FlopCounterMode(display=False)
+            with counter:
+                step(flag)
+            flops[mode][flag] = counter.get_total_flops()
+
     results: dict[str, dict[bool, list[tuple[float, float]]]] = {}
     for mode, step, train in (("train step", train_step, True), ("eval forward", eval_forward, False)):
         qformer.train(train)
@@ -201,6 +215,10 @@ def main() -> None:
             gated = statistics.median(t[index] for t in timings[True])
             label = f"{mode} ({clock})"
             print(f"{label:20s}{base:13.1f}{gated:11.1f}{gated / base:8.3f}{100 * (gated / base - 1):9.1f}%")
+    for mode, counts in flops.items():
+        base, gated = counts[False] / 1e9, counts[True] / 1e9
+        label = f"{mode} (GFLOP)"
+        print(f"{label:20s}{base:13.1f}{gated:11.1f}{gated / base:8.3f}{100 * (gated / base - 1):9.1f}%")
     for mode, timings in results.items():
         for flag, name in ((False, "baseline"), (True, "gated")):
             walls = ", ".join(f"{t[0]:.0f}" for t in timings[flag])
