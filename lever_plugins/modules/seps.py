@@ -161,7 +161,8 @@ class _ImageSide(NamedTuple):
     unit_patches: torch.Tensor  # (B_v, N, C)
     sparse_base: torch.Tensor  # (B_v, N) float64: image-only part of the sparse-branch score
     sparse_logits: torch.Tensor  # (B_v, N_c, N) aggregation logits of the sparse branch
-    dense_weights: Optional[torch.Tensor]  # dual: (B_v, N_c + 1, N) dense aggregation + half extra weights
+    dense_aggregation: Optional[torch.Tensor]  # dual: (B_v, N_c, N) dense-branch aggregation weights
+    dense_extra: Optional[torch.Tensor]  # dual: (B_v, N) dense-branch extra-token weights
     dense_tokens: Optional[torch.Tensor]  # not dual: (B_v, M, C) unit-norm dense-branch tokens
     dense_decision: Optional[torch.Tensor]  # training: (B_v, N) keep decisions D_d
 
@@ -429,7 +430,7 @@ class CrossSparseAggrNet(nn.Module):
             logit = logit + torch.log(uniform) - torch.log1p(-uniform)  # two-way Gumbel = logistic noise
         prob = torch.sigmoid(logit)
         hard = (logit > 0).to(prob.dtype)
-        return hard + prob - prob.detach()
+        return hard + (prob - prob.detach())  # exactly 0/1 forward, gradient of prob
 
     def _predicted_scores(self, predictor: nn.Module, patches: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(predictor(patches).squeeze(-1)).double()
@@ -468,7 +469,7 @@ class CrossSparseAggrNet(nn.Module):
         sparse_mlp = self.sparse_aggregation if self.use_dual_aggr else self.aggregation
         sparse_logits = self._aggregation_logits(sparse_mlp, patches)
 
-        dense_weights = dense_tokens = dense_decision = None
+        dense_aggregation = dense_extra = dense_tokens = dense_decision = None
         if dense_relevance is not None:
             if self.use_paper_version:
                 dense_score = (1 - 2 * beta) * self._predicted_scores(self.dense_score_predictor, patches)
@@ -477,15 +478,22 @@ class CrossSparseAggrNet(nn.Module):
                 dense_score = saliency + dense_relevance
             dense_mlp = self.dense_aggregation if self.use_dual_aggr else self.aggregation
             dense_logits = self._aggregation_logits(dense_mlp, patches)
-            if self.use_dual_aggr:
-                # The pair's extra token is the mean of the two branches' extra tokens.
-                dense_weights = self._selection_weights(dense_score, dense_logits, extra_scale=0.5)
-            else:
-                dense_tokens = self._tokens(self._selection_weights(dense_score, dense_logits), patches, cls)
+            dense_aggregation, dense_extra = self._selection_weights(dense_score, dense_logits)
+            if not self.use_dual_aggr:
+                dense_tokens = self._dense_tokens(dense_aggregation, dense_extra, patches, cls)
+                dense_aggregation = dense_extra = None
             if need_mask:
                 dense_decision = self._keep_decision(dense_score, self.dense_keep_threshold)
         return _ImageSide(
-            patches, cls, unit_patches, sparse_base, sparse_logits, dense_weights, dense_tokens, dense_decision
+            patches,
+            cls,
+            unit_patches,
+            sparse_base,
+            sparse_logits,
+            dense_aggregation,
+            dense_extra,
+            dense_tokens,
+            dense_decision,
         )
 
     def _encode_captions(self, cap_embs: torch.Tensor, cap_lens: torch.Tensor) -> _TextSide:
@@ -497,44 +505,30 @@ class CrossSparseAggrNet(nn.Module):
             direction64=_mean_direction64(cap_embs, cap_lens),
         )
 
-    def _selection_weights(self, score: torch.Tensor, logits: torch.Tensor, extra_scale: float = 1.0) -> torch.Tensor:
-        """Aggregation and extra-token weights over all patches, zero where not applicable.
+    def _selection_weights(self, score: torch.Tensor, logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Aggregation and extra-token weights over all ``N`` patches (zero where not applicable).
 
         Args:
             score: ``(..., N)`` float64 selection score.
             logits: ``(..., N_c, N)`` aggregation logits (broadcastable to ``score``'s leading dims).
-            extra_scale: factor on the extra-token row (0.5 when two branches' extra tokens are averaged).
 
         Returns:
-            ``(..., N_c + 1, N)``: rows ``:N_c`` softmax over the kept patches, last row softmax of the
-            dropped patches' scores.
+            ``aggregation (..., N_c, N)``: softmax of the logits over the kept patches;
+            ``extra (..., N)``: softmax of the dropped patches' scores.
         """
         keep = _top_mask(score, self.num_keep)
-        aggregation = logits.masked_fill(~keep.unsqueeze(-2), float("-inf")).softmax(dim=-1)
-        extra = score.to(logits.dtype).masked_fill(keep, float("-inf")).softmax(dim=-1).unsqueeze(-2)
-        if extra_scale != 1.0:
-            extra = extra * extra_scale
-        return torch.cat([aggregation, extra], dim=-2)
+        aggregation = torch.where(keep.unsqueeze(-2), logits, float("-inf")).softmax(dim=-1)
+        extra = torch.where(keep, float("-inf"), score.to(logits.dtype)).softmax(dim=-1)
+        return aggregation, extra
 
-    def _tokens(self, weights: torch.Tensor, patches: torch.Tensor, cls: Optional[torch.Tensor]) -> torch.Tensor:
-        """Unit-norm tokens ``[CLS] + weights @ patches``.
-
-        Args:
-            weights: ``(B, R, N)`` or ``(B, T, R, N)`` combination weights per image ``B``.
-            patches: ``(B, N, C)``.
-            cls: ``(B, 1, C)`` or None.
-
-        Returns:
-            ``(B, R(+1), C)`` or ``(B, T, R(+1), C)``.
-        """
-        per_pair = weights.dim() == 4
-        b, r, n = weights.shape[0], weights.shape[-2], weights.shape[-1]
-        t = weights.shape[1] if per_pair else 1
-        tokens = torch.bmm(weights.reshape(b, t * r, n), patches).view(b, t, r, -1)
+    def _dense_tokens(
+        self, aggregation: torch.Tensor, extra: torch.Tensor, patches: torch.Tensor, cls: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """Unit-norm per-image tokens ``[CLS, aggregation @ patches, extra @ patches]``, ``(B, M, C)``."""
+        tokens = [torch.bmm(aggregation, patches), torch.bmm(extra.unsqueeze(1), patches)]
         if cls is not None:
-            tokens = torch.cat([cls[:, None].expand(b, t, 1, cls.shape[-1]), tokens], dim=2)
-        tokens = F.normalize(tokens, dim=-1)
-        return tokens if per_pair else tokens[:, 0]
+            tokens.insert(0, cls)
+        return F.normalize(torch.cat(tokens, dim=1), dim=-1)
 
     def _score_block(
         self, image: _ImageSide, text: _TextSide, images: slice, captions: slice, need_mask: bool
@@ -545,45 +539,66 @@ class CrossSparseAggrNet(nn.Module):
             score = image.sparse_base[images, None] + self.beta * _minmax(relevance)
         else:
             score = image.sparse_base[images, None] + relevance
-        dual = image.dense_weights is not None
-        weights = self._selection_weights(
-            score, image.sparse_logits[images, None], extra_scale=0.5 if dual else 1.0
-        )  # (v, t, N_c + 1, N)
-        if dual:
-            weights = weights + image.dense_weights[images, None]
-        words = text.unit_words[captions]
+        aggregation, extra = self._selection_weights(score, image.sparse_logits[images, None])
+        if image.dense_aggregation is not None:
+            # Paper Eq. 4: sparse and dense aggregations summed; the extra token is the two branches' mean.
+            aggregation = aggregation + image.dense_aggregation[images, None]
+            extra = (extra + image.dense_extra[images, None]) / 2
+        patches, words = image.patches[images], text.unit_words[captions]  # (v, N, C), (t, L, C)
+        num_v, num_t, rows, num_patches = aggregation.shape
+        cosines = [
+            self._pair_cosines(aggregation.view(num_v, num_t * rows, num_patches), patches, words),
+            self._pair_cosines(extra, patches, words),
+        ]
+        if image.cls is not None:
+            unit_cls = F.normalize(image.cls[images, 0], dim=-1)
+            cosines.insert(0, torch.einsum("vc,tlc->vtl", unit_cls, words).unsqueeze(2))
         mask, counts = text.word_mask[captions], text.word_counts[captions]
-        cls = image.cls[images] if image.cls is not None else None
-        sims = self._similarity(self._tokens(weights, image.patches[images], cls), words, mask, counts)
+        sims = self._similarity(torch.cat(cosines, dim=2), mask, counts)
         if image.dense_tokens is not None:
-            sims = sims + self._similarity(image.dense_tokens[images, None], words, mask, counts)
+            dense_cosines = torch.einsum("vmc,tlc->vtml", image.dense_tokens[images], words)
+            sims = sims + self._similarity(dense_cosines, mask, counts)
         decision = self._keep_decision(score, self.sparse_keep_threshold) if need_mask else None
         return sims, decision
 
-    def _similarity(
-        self, tokens: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor, word_counts: torch.Tensor
-    ) -> torch.Tensor:
-        """Fine-grained similarity of token sets and captions.
+    @staticmethod
+    def _pair_cosines(weights: torch.Tensor, patches: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        """Cosines between the tokens ``weights @ patches`` of every pair and the pair's caption words.
 
         Args:
-            tokens: ``(V, T or 1, M, C)`` unit-norm tokens per pair (or per image, shared by all captions).
-            words: ``(T, L, C)`` unit-norm words.
+            weights: ``(V, T * R, N)``, ``R`` tokens per (image, caption) pair, caption-major.
+            patches: ``(V, N, C)``.
+            words: ``(T, L, C)`` unit-norm.
+
+        Returns:
+            ``(V, T, R, L)``.
+        """
+        num_v, num_t = patches.shape[0], words.shape[0]
+        tokens = torch.bmm(weights, patches)  # (V, T * R, C)
+        # Caption-major so that each caption's words meet all its tokens in one matmul (no copy when V == 1).
+        tokens = tokens.view(num_v, num_t, -1, tokens.shape[-1]).transpose(0, 1).reshape(num_t, -1, tokens.shape[-1])
+        # Cosines without materialising normalised tokens: divide the dot products by the token norms.
+        cosines = torch.bmm(tokens, words.transpose(1, 2)) / tokens.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return cosines.view(num_t, num_v, -1, words.shape[1]).transpose(0, 1)
+
+    def _similarity(self, cosines: torch.Tensor, word_mask: torch.Tensor, word_counts: torch.Tensor) -> torch.Tensor:
+        """Fine-grained similarity from token-word cosines.
+
+        Args:
+            cosines: ``(V, T, M, L)`` cosine of each of the pair's ``M`` tokens with each word.
             word_mask: ``(T, L)`` True for real words.
             word_counts: ``(T,)``.
 
         Returns:
-            ``(V, T)``.
+            ``(V, T)``: mean over words of each word's best token + mean over tokens of each token's best
+            word (+ the relevance MLP on the top-k of both, paper version).
         """
-        if tokens.shape[1] == 1:
-            align = torch.einsum("vmc,tlc->vtlm", tokens[:, 0], words)
-        else:
-            align = torch.einsum("vtmc,tlc->vtlm", tokens, words)
         if not self.use_paper_version:
-            align = F.leaky_relu(align, SCAN_LEAKY_SLOPE)
+            cosines = F.leaky_relu(cosines, SCAN_LEAKY_SLOPE)
         valid = word_mask[None]  # (1, T, L)
-        word_best = align.amax(dim=3)  # (V, T, L): each word's best token
+        word_best = cosines.amax(dim=2)  # (V, T, L)
         word_term = (word_best * valid).sum(dim=-1) / word_counts
-        token_best = align.masked_fill(~valid[..., None], float("-inf")).amax(dim=2)  # (V, T, M)
+        token_best = cosines.masked_fill(~valid[:, :, None, :], float("-inf")).amax(dim=3)  # (V, T, M)
         sims = word_term + token_best.mean(dim=-1)
         if self.use_paper_version:
             sims = sims + self._relevance(word_best.masked_fill(~valid, float("-inf"))) + self._relevance(token_best)
