@@ -51,8 +51,9 @@ logger = logging.getLogger(__name__)
 # Weights this model has that a BLIP-2 pretrain checkpoint does not.
 CIR_NEW_KEYS = ("prompt_tokens",)
 PLUGIN_KEYS = ("gated_fusion.",)
-# BLIP-2 checkpoint weights this model does not use.
-BLIP2_UNUSED_KEYS = ("itm_head.",)
+# BLIP-2 checkpoint weights this model does not use (ITM head; the Q-Former's language-model head,
+# which would also leave DDP with parameters that never get a gradient).
+BLIP2_UNUSED_KEYS = ("itm_head.", "Qformer.cls.")
 
 
 class Blip2CirModel(BaseModel):
@@ -76,6 +77,7 @@ class Blip2CirModel(BaseModel):
             freeze(self.visual_encoder)
         self.Qformer, self.query_tokens = build_qformer(settings.qformer, settings.vision.width, len(self.tokenizer))
         init_query_branch_from_text(self.Qformer)
+        self.Qformer.cls = None  # retrieval never generates text
         hidden = settings.qformer.hidden_size
         self.vision_proj = nn.Linear(hidden, settings.embed_dim)
         self.text_proj = nn.Linear(hidden, settings.embed_dim)

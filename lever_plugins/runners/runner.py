@@ -107,7 +107,10 @@ class LeverRunner(RunnerBase):
             self._model = self._model.to(self.device)
             if self.use_distributed:
                 device_ids = [self.device.index] if self.device.type == "cuda" else None
-                self._wrapped_model = DDP(self._model, device_ids=device_ids, find_unused_parameters=False)
+                self._wrapped_model = DDP(
+                    self._model, device_ids=device_ids,
+                    find_unused_parameters=bool(self.run_cfg.get("find_unused_parameters", False)),
+                )
             else:
                 self._wrapped_model = self._model
         return self._wrapped_model
@@ -243,7 +246,7 @@ class LeverRunner(RunnerBase):
         self.log_config()
         if self.run_cfg.get("resume", False):
             self._resume_from_last()
-        elif not self.evaluate_only and self.resume_ckpt_path:
+        elif self.resume_ckpt_path:
             self._load_checkpoint(self.resume_ckpt_path)
 
         last_epoch = self.start_epoch - 1

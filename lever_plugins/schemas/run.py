@@ -52,14 +52,13 @@ class RunSettings(Settings):
     evaluate: bool = setting(False, help="evaluate only (needs resume_ckpt_path or a checkpoint in output_dir)")
     resume: bool = setting(False, help="continue from the last checkpoint in output_dir")
     resume_ckpt_path: Optional[str] = setting(None, help="checkpoint to start from (weights, optimiser, epoch)", path="file")
-    keep_last_checkpoint_only: bool = setting(True, help="delete older per-epoch checkpoints after a new one is written")
     progress_bar: bool = setting(True, help="show tqdm progress bars on the main process")
 
     # distributed (LAVIS keys)
     distributed: bool = setting(False, help="set automatically under torchrun / --nproc")
     world_size: int = setting(1, help="set automatically under torchrun / --nproc", ge=1)
     dist_url: str = setting("env://", help="torch.distributed init method")
-    use_dist_eval_sampler: bool = setting(False, help="shard evaluation data across ranks (results are gathered)")
+    find_unused_parameters: bool = setting(False, help="DDP's find_unused_parameters (needed only if some trainable weights get no gradient)")
 
     def extra_problems(self) -> Iterator[str]:
         if self.lr_sched == "lever_multistep_lr" and not self.lr_milestones:
