@@ -190,7 +190,6 @@ def save_gate_maps_for_run(
 ) -> list:
     """Gate heat-maps of a trained gated-fusion run over its reference images."""
     import torch
-    from PIL import Image
 
     from lever_plugins.recipes import load_recipe
 
@@ -225,8 +224,9 @@ def save_gate_maps_for_run(
     with torch.no_grad():
         gates = model.gate_maps(images, texts)
     size = model.settings.vision.image_size
+    display = max(size, 224)  # small demo images are drawn larger so the patch grid is visible
     pictures = [
-        load_cirr_image(dataset.image_paths[item["reference_name"]], "gate-maps").convert("RGB").resize((size, size))
+        load_cirr_image(dataset.image_paths[item["reference_name"]], "gate-maps").convert("RGB").resize((display, display))
         for item in items
     ]
     names = [f"{item['pair_id']}_{item['text_input'][:40].replace(' ', '_')}" for item in items]
