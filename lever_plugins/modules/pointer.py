@@ -458,7 +458,7 @@ class PointerSelectorV3(PointerSelectorV1):
 
     Args:
         config: :class:`PointerSelectorV3Config`, a mapping of its keys, or ``None``.
-        generator: optional RNG for the RADI cold-list sampling.
+        generator: optional RNG for the RADI cold-list sampling, on the device of the inputs.
     """
 
     config_class = PointerSelectorV3Config
