@@ -64,3 +64,14 @@ def test_unknown_name_lookup_suggests_and_lists_known():
         lever_registry.get_class("model", "lever_blip2_cri")
     assert "did you mean 'lever_blip2_cir'?" in str(info.value)
     assert registry.get_model_class("lever_blip2_cri") is None  # what LAVIS itself would return
+
+
+def test_doctor_reports_lavis_and_the_shim():
+    from click.testing import CliRunner
+
+    from lever_plugins.cli import main
+
+    result = CliRunner().invoke(main, ["doctor"])
+    assert result.exit_code == 0, result.output
+    assert "LAVIS imports" in result.output and "registered all plugins" in result.output
+    assert "salesforce-lavis" in result.output and "MISSING" not in result.output
