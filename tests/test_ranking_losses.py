@@ -185,6 +185,25 @@ def test_adaptive_pairwise_with_one_teacher_sample_is_the_hard_margin_loss():
     assert adaptive_pairwise_distillation_loss(masked_student, teacher, available).item() == pytest.approx(0.5)
 
 
+def test_adaptive_pairwise_top_k_keeps_pairs_led_by_the_teacher_top_k():
+    student = torch.tensor([[0.5, 2.0, 0.0]])
+    teacher = torch.tensor([[3.0, 2.0, 1.0]])
+    # top-1 (candidate 0) leads pairs (0,1) and (0,2) only: (2.5 + 0.5) / 2
+    assert adaptive_pairwise_distillation_loss(student, teacher, top_k=1).item() == pytest.approx(1.5)
+    assert adaptive_pairwise_distillation_loss(student, teacher, top_k=3).item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_adaptive_margins_average_to_the_base_margin(top_k):
+    # Equal student scores make every hinge active with value M_ij, so the loss is the mean margin,
+    # which the rescaling pins to `margin` whatever the (non-uniform) MC uncertainty.
+    gen = torch.Generator().manual_seed(0)
+    teacher = torch.randn(6, 4, 7, generator=gen) * 3
+    student = torch.zeros(4, 7)
+    loss = adaptive_pairwise_distillation_loss(student, teacher, margin=0.7, epsilon=0.3, top_k=top_k)
+    assert loss.item() == pytest.approx(0.7, rel=1e-5)
+
+
 def test_adaptive_pairwise_accepts_mc_samples():
     student = torch.randn(3, 6, requires_grad=True)
     teacher = torch.randn(5, 3, 6)

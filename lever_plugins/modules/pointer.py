@@ -147,7 +147,9 @@ class PointerSelectorV3Config(PointerSelectorV1Config):
         1.0, gt=0.0, help="radi_pairwise: entropic regularisation, relative to the mean pair uncertainty"
     )
     radi_sinkhorn_iters: int = setting(50, ge=1, help="radi_pairwise: Sinkhorn iterations")
-    radi_hot_k: int = setting(4, ge=1, help="radi_listwise: hot list = teacher top-k")
+    radi_hot_k: int = setting(
+        4, ge=1, help="RADI teacher top-k: the hot list (listwise); the better candidate of every pair (pairwise)"
+    )
     radi_cold_k: int = setting(8, ge=0, help="radi_listwise: candidates sampled into the cold list")
     radi_cold_sampling: Literal["exponential", "zipf"] = setting(
         "exponential", help="radi_listwise: cold-list sampling p_k ∝ exp(-alpha k) or k^-alpha"
@@ -527,6 +529,7 @@ class PointerSelectorV3(PointerSelectorV1):
                 margin=cfg.ranking_margin,
                 epsilon=cfg.radi_sinkhorn_epsilon,
                 num_iters=cfg.radi_sinkhorn_iters,
+                top_k=cfg.radi_hot_k,
             )
         return ranking_losses.partial_listwise_distillation_loss(
             flat_logits,

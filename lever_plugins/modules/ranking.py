@@ -340,37 +340,54 @@ def adaptive_pairwise_distillation_loss(
     margin: float = 1.0,
     epsilon: float = 1.0,
     num_iters: int = 50,
+    top_k: Optional[int] = None,
 ) -> torch.Tensor:
     """RADI pairwise ranking distillation with adaptive soft margins.
 
-    ``L = mean over pairs (i, j) with mean teacher p_i > p_j of max(0, M_ij - (s_i - s_j))`` where
-    ``M = margin * W`` (:func:`sinkhorn_margin_weights` of :func:`mc_pairwise_uncertainty`), ``p``
-    the teacher's softmax over the available candidates and ``s`` the student scores (logits, so
-    ``margin`` is in logit units). Averaged over the pairs of each list, then over lists. With one
-    teacher sample (or a teacher without dropout) the uncertainty is 0, ``W = 1`` and this is the
-    plain margin ranking loss with the teacher's ranking as the target.
+    ``L = mean over pairs (i, j) of max(0, M_ij - (s_i - s_j))`` where the pairs are those the
+    teacher orders ``p_i > p_j`` (``p``: mean over MC samples of the teacher's softmax over the
+    available candidates) with ``i`` among the teacher's ``top_k`` (``None``: all pairs), ``s`` are
+    the student scores (logits, so ``margin`` is in logit units) and ``M = margin * W``.
+
+    ``W`` comes from :func:`sinkhorn_margin_weights` of :func:`mc_pairwise_uncertainty`, rescaled so
+    that its mean over the distilled pairs of each list is 1: ``margin`` stays the average margin,
+    and confident pairs get more of it than uncertain ones. Restricting to pairs led by a top-k
+    candidate (as the RADI authors' code does with its positives) leaves out tail-versus-tail
+    pairs, whose probability gaps and fluctuations are both near 0 (they look "certain" to the
+    absolute uncertainty measure) and whose order an imperfect teacher knows least. With one
+    teacher sample (or no dropout) the uncertainty is 0, ``W = 1`` and this is the plain margin
+    ranking loss with the teacher's ranking as the target. Averaged over the pairs of each list,
+    then over lists.
 
     Args:
         student_scores: ``(N, K)``.
         teacher_logits: ``(T, N, K)`` MC-dropout samples or ``(N, K)``; no gradient flows into them.
         available: ``(N, K)`` bool (default: all).
-        margin: base margin ``m``.
+        margin: base (mean) margin ``m``.
         epsilon, num_iters: Sinkhorn settings.
+        top_k: only pairs whose better candidate is in the teacher's top ``top_k``.
 
     Returns:
         Scalar.
     """
     available = _check_available(student_scores, available)
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
     samples = _teacher_samples(teacher_logits.detach(), student_scores.shape).to(student_scores.dtype)
     probs = torch.softmax(samples.masked_fill(~available, float("-inf")), dim=-1).masked_fill(~available, 0.0)
     weights = sinkhorn_margin_weights(mc_pairwise_uncertainty(probs), available, epsilon, num_iters)
     mean_probs = probs.mean(0)
     pairs = (mean_probs.unsqueeze(-1) > mean_probs.unsqueeze(-2)) & available.unsqueeze(-1) & available.unsqueeze(-2)
+    if top_k is not None:
+        teacher_rank = mean_probs.masked_fill(~available, -1.0).argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+        pairs = pairs & (teacher_rank < top_k).unsqueeze(-1)
+    n_pairs = pairs.sum((-1, -2))
+    has_pairs = n_pairs > 0
+    pair_weight_mean = (weights * pairs).sum((-1, -2)) / n_pairs.clamp_min(1)
+    weights = weights / pair_weight_mean.clamp_min(_TINY)[:, None, None]
     diff = student_scores.masked_fill(~available, 0.0)
     diff = diff.unsqueeze(-1) - diff.unsqueeze(-2)
     hinge = torch.relu(margin * weights - diff) * pairs
-    n_pairs = pairs.sum((-1, -2))
-    has_pairs = n_pairs > 0
     per_list = hinge.sum((-1, -2)) / n_pairs.clamp_min(1)
     return (per_list * has_pairs).sum() / has_pairs.sum().clamp_min(1)
 
