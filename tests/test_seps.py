@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from lever_plugins import CrossSparseAggrNet, SEPSLoss
 from lever_plugins.metrics import retrieval_metrics
+from lever_plugins.modules import seps as seps_module
 from lever_plugins.modules.seps import per_caption_loop_similarity
 from lever_plugins.schemas.seps import SepsHeadSettings, SepsLossSettings, seps_head_parameter_count
 
@@ -155,12 +156,13 @@ def test_vectorised_forward_equals_the_per_caption_loop(paper, dual, has_cls):
 
 
 @pytest.mark.parametrize("paper, dual", CONFIGS, ids=CONFIG_IDS)
-def test_pair_chunk_size_does_not_change_the_result(paper, dual):
+def test_pair_chunk_size_does_not_change_the_result(paper, dual, monkeypatch):
     head = make_head(paper, dual)
     batch = make_batch(5, 7)
     results = []
-    for chunk in (1, 7, 10_000):
+    for chunk, item_chunk in ((1, 64), (7, 64), (10_000, 64), (10_000, 2)):
         head.pair_chunk_size = chunk
+        monkeypatch.setattr(seps_module, "_ITEM_CHUNK", item_chunk)  # per-image work in chunks of 2 images
         head.eval()
         with torch.no_grad():
             sims = head(*batch)
@@ -261,6 +263,26 @@ def test_ratio_term_has_a_gradient_on_the_selectors(paper, dual):
         assert grads[name].grad is not None and grads[name].grad.abs().sum() > 0, name
     # The ratio term does not touch the aggregation or the similarity.
     assert all(p.grad is None or p.grad.abs().sum() == 0 for n, p in grads.items() if "aggregation" in n)
+
+
+@pytest.mark.parametrize("gumbel", [False, True])
+def test_checkpointed_pair_blocks_give_the_same_outputs_and_gradients(gumbel):
+    batch = make_batch(6, 6)
+    state = make_head(True, True).state_dict()
+    results = []
+    for checkpointed in (False, True):
+        head = make_head(True, True, use_gumbel_softmax=gumbel, checkpoint_pairs=checkpointed, pair_chunk_size=8)
+        head.load_state_dict(state)
+        head.train()
+        torch.manual_seed(5)
+        sims, mask = head(*batch)
+        total, _, _ = SEPSLoss()(sims, mask)
+        total.backward()
+        results.append((sims.detach(), mask[0].detach(), {n: p.grad.clone() for n, p in head.named_parameters()}))
+    (sims_a, mask_a, grads_a), (sims_b, mask_b, grads_b) = results
+    assert torch.equal(sims_a, sims_b) and torch.equal(mask_a, mask_b)
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-6), name
 
 
 def test_training_the_ratio_term_moves_the_kept_fraction_to_the_target():

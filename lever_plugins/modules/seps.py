@@ -65,7 +65,9 @@ the whole dense branch) or only on the caption is done once; the per-pair work (
 masked softmax, one batched matmul, similarity) runs over blocks of at most ``pair_chunk_size`` pairs,
 with no Python loop over captions. A pair's score does not depend on the rest of the batch: selection
 scores are computed in float64, so chunking or sub-batching cannot flip a top-k choice through
-rounding. Training memory still grows with ``B_v * B_t`` (autograd keeps every block).
+rounding. Training memory grows with ``B_v * B_t`` because autograd keeps every block's intermediates
+(about ``N_c * (N + C)`` floats per pair, ~160 kB at the defaults); ``checkpoint_pairs=True``
+recomputes each block in the backward pass and keeps only its inputs and outputs.
 
 Shapes: ``B_v`` images, ``B_t`` captions, ``N`` patches, ``C`` = ``embed_size``, ``L_s``/``L_d`` words.
 """
@@ -77,6 +79,7 @@ from typing import Any, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lever_plugins.schema import from_mapping
 from lever_plugins.schemas.seps import AGGREGATION_HIDDEN_RATIO, SepsHeadSettings, SepsLossSettings
@@ -87,8 +90,9 @@ ScoreMask = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 
 KEEP_TEMPERATURE = 0.1
 SCAN_LEAKY_SLOPE = 0.1
-# Images (or captions) converted to float64 at once when computing selection scores.
-_FLOAT64_CHUNK = 64
+# Images (or captions) processed at once by the per-item work (float64 scores, MLPs on every patch),
+# so that its temporaries stay a small multiple of 64 images even when all test images come at once.
+_ITEM_CHUNK = 64
 
 
 def _settings_from(cls: type, settings: Any, name: str) -> Any:
@@ -124,9 +128,9 @@ def _mean_direction64(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """
     out = []
     positions = torch.arange(x.shape[1], device=x.device)
-    for start in range(0, x.shape[0], _FLOAT64_CHUNK):
-        block = x[start : start + _FLOAT64_CHUNK].double()
-        lens = lengths[start : start + _FLOAT64_CHUNK]
+    for start in range(0, x.shape[0], _ITEM_CHUNK):
+        block = x[start : start + _ITEM_CHUNK].double()
+        lens = lengths[start : start + _ITEM_CHUNK]
         valid = (positions[None, :] < lens[:, None]).to(block.dtype)
         mean = (block * valid[..., None]).sum(dim=1) / lens[:, None].to(block.dtype)
         out.append(F.normalize(mean, dim=-1))
@@ -141,10 +145,17 @@ def _cosine64(unit_patches: torch.Tensor, unit_queries: torch.Tensor) -> torch.T
         unit_queries: ``(B, C)`` unit-norm float64 query per image.
     """
     out = []
-    for start in range(0, unit_patches.shape[0], _FLOAT64_CHUNK):
-        block = unit_patches[start : start + _FLOAT64_CHUNK].double()
-        out.append((block * unit_queries[start : start + _FLOAT64_CHUNK, None, :]).sum(dim=-1))
+    for start in range(0, unit_patches.shape[0], _ITEM_CHUNK):
+        block = unit_patches[start : start + _ITEM_CHUNK].double()
+        out.append((block * unit_queries[start : start + _ITEM_CHUNK, None, :]).sum(dim=-1))
     return torch.cat(out, dim=0)
+
+
+def _per_item(fn: Any, x: torch.Tensor) -> torch.Tensor:
+    """``fn`` applied to ``x`` in chunks of ``_ITEM_CHUNK`` along dim 0, results concatenated."""
+    if x.shape[0] <= _ITEM_CHUNK:
+        return fn(x)
+    return torch.cat([fn(x[i : i + _ITEM_CHUNK]) for i in range(0, x.shape[0], _ITEM_CHUNK)], dim=0)
 
 
 def _top_mask(score: torch.Tensor, k: int) -> torch.Tensor:
@@ -204,6 +215,8 @@ class CrossSparseAggrNet(nn.Module):
         top_k: paper similarity: number of best matches fed to the relevance MLP.
         has_cls: the first image token is a CLS token (explicit; never guessed from the token count).
         pair_chunk_size: pairs scored at once; bounds memory, never changes the result.
+        checkpoint_pairs: in training, recompute each block of pairs in the backward pass instead of
+            keeping its intermediates (per pair about ``N_c * (N + C)`` floats are kept otherwise).
 
     Raises:
         ValueError: a value out of range (see :class:`SepsHeadSettings`).
@@ -222,6 +235,7 @@ class CrossSparseAggrNet(nn.Module):
         top_k: int = 5,
         has_cls: bool = True,
         pair_chunk_size: int = 512,
+        checkpoint_pairs: bool = False,
     ) -> None:
         super().__init__()
         settings = SepsHeadSettings(
@@ -236,6 +250,7 @@ class CrossSparseAggrNet(nn.Module):
             beta=beta,
             top_k=top_k,
             pair_chunk_size=pair_chunk_size,
+            checkpoint_pairs=checkpoint_pairs,
         )
         self.embed_size = embed_size
         self.num_patches = num_patches
@@ -248,6 +263,7 @@ class CrossSparseAggrNet(nn.Module):
         self.beta = float(beta)
         self.top_k = int(top_k)
         self.pair_chunk_size = int(pair_chunk_size)
+        self.checkpoint_pairs = bool(checkpoint_pairs)
         self.num_keep = settings.num_keep
         self.num_aggregated = settings.num_aggregated
 
@@ -291,6 +307,7 @@ class CrossSparseAggrNet(nn.Module):
             top_k=s.top_k,
             has_cls=s.has_cls,
             pair_chunk_size=s.pair_chunk_size,
+            checkpoint_pairs=s.checkpoint_pairs,
         )
 
     # ------------------------------------------------------------------ forward
@@ -325,13 +342,20 @@ class CrossSparseAggrNet(nn.Module):
         num_images, num_captions = img_embs.shape[0], cap_embs.shape[0]
         captions_per_block = min(num_captions, self.pair_chunk_size)
         images_per_block = max(1, min(num_images, self.pair_chunk_size // captions_per_block))
+        checkpointed = need_mask and self.checkpoint_pairs and torch.is_grad_enabled()
         sim_rows, mask_rows = [], []
         for v0 in range(0, num_images, images_per_block):
             images = slice(v0, min(v0 + images_per_block, num_images))
             sim_blocks, mask_blocks = [], []
             for t0 in range(0, num_captions, captions_per_block):
                 captions = slice(t0, min(t0 + captions_per_block, num_captions))
-                sims, decision = self._score_block(image, text, images, captions, need_mask)
+                if checkpointed:
+                    # Non-reentrant checkpoint restores the RNG state, so Gumbel noise is replayed exactly.
+                    sims, decision = checkpoint(
+                        self._score_block, image, text, images, captions, need_mask, use_reentrant=False
+                    )
+                else:
+                    sims, decision = self._score_block(image, text, images, captions, need_mask)
                 sim_blocks.append(sims)
                 mask_blocks.append(decision)
             sim_rows.append(torch.cat(sim_blocks, dim=1))
@@ -433,10 +457,12 @@ class CrossSparseAggrNet(nn.Module):
         return hard + (prob - prob.detach())  # exactly 0/1 forward, gradient of prob
 
     def _predicted_scores(self, predictor: nn.Module, patches: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(predictor(patches).squeeze(-1)).double()
+        """Paper Eq. 1: ``sigmoid(MLP(patch))``, ``(B, N)`` float64."""
+        return _per_item(lambda x: torch.sigmoid(predictor(x).squeeze(-1)).double(), patches)
 
     def _aggregation_logits(self, mlp: nn.Module, patches: torch.Tensor) -> torch.Tensor:
-        return (mlp(patches) * self.aggregation_scale).transpose(1, 2)  # (B, N_c, N)
+        """Aggregation logits of every patch, ``(B, N_c, N)``."""
+        return _per_item(lambda x: (mlp(x) * self.aggregation_scale).transpose(1, 2), patches)
 
     def _encode_images(
         self,
@@ -448,10 +474,7 @@ class CrossSparseAggrNet(nn.Module):
         cls = img_embs[:, :1] if self.has_cls else None
         patches = img_embs[:, 1:] if self.has_cls else img_embs
         unit_patches = F.normalize(patches, dim=-1)
-        image_direction = F.normalize(
-            torch.cat([patches[i : i + _FLOAT64_CHUNK].double().mean(dim=1) for i in range(0, len(patches), _FLOAT64_CHUNK)]),
-            dim=-1,
-        )
+        image_direction = F.normalize(_per_item(lambda x: x.double().mean(dim=1), patches), dim=-1)
         saliency = _cosine64(unit_patches, image_direction)  # s_im, (B_v, N)
         dense_relevance = None
         if long_cap_embs is not None:
@@ -618,7 +641,8 @@ class CrossSparseAggrNet(nn.Module):
             f"sparse_ratio={self.sparse_ratio}, aggr_ratio={self.aggr_ratio}, num_keep={self.num_keep}, "
             f"num_aggregated={self.num_aggregated}, use_paper_version={self.use_paper_version}, "
             f"use_dual_aggr={self.use_dual_aggr}, use_gumbel_softmax={self.use_gumbel_softmax}, "
-            f"beta={self.beta}, top_k={self.top_k}, pair_chunk_size={self.pair_chunk_size}"
+            f"beta={self.beta}, top_k={self.top_k}, pair_chunk_size={self.pair_chunk_size}, "
+            f"checkpoint_pairs={self.checkpoint_pairs}"
         )
 
 
@@ -789,10 +813,11 @@ def per_caption_loop_similarity(
 ) -> torch.Tensor:
     """Reference: the same similarity as ``head`` (eval mode) computed the LAPS way, one caption at a time.
 
-    For every caption, selection and aggregation run again over all images (gather the kept patches,
-    aggregation MLP on them, both branches), as the public LAPS/SEPS code does. Slow (``B_t`` Python
-    iterations, per-image work repeated per caption); it exists to check and benchmark the vectorised
-    forward.
+    Image self-saliency and the dense-caption relevance are computed once (LAPS computes the saliency
+    before its loop); then, for every caption, selection and aggregation run again over all images:
+    score predictors, top-k, gather of the kept patches, aggregation MLP on them, both branches, as
+    the public LAPS/SEPS code does. Slow (``B_t`` Python iterations, per-image work repeated per
+    caption); it exists to check and benchmark the vectorised forward.
 
     Returns:
         ``(B_v, B_t)`` similarities.
@@ -832,18 +857,20 @@ def per_caption_loop_similarity(
                 sims = sims + head.relevance_mlp(top)[:, 0]
         return sims
 
+    # As in LAPS, the guidance scores that need no caption are computed once, before the loop.
+    unit_patches64 = unit64(patches).double()
+    saliency = (unit_patches64 * unit64(patches.double().mean(dim=1))[:, None]).sum(-1)
+    dense_relevance = None
+    if long_cap_embs is not None:
+        dense_dirs = torch.stack(
+            [unit64(long_cap_embs[v, : int(long_cap_lens[v])].double().mean(dim=0)) for v in range(num_images)]
+        )
+        dense_relevance = (unit_patches64 * dense_dirs[:, None]).sum(-1)
+
     columns = []
     for t in range(cap_embs.shape[0]):
         words = cap_embs[t, : int(cap_lens[t])]
-        unit_patches64 = unit64(patches).double()
-        saliency = (unit_patches64 * unit64(patches.double().mean(dim=1))[:, None]).sum(-1)
         text_relevance = unit_patches64 @ unit64(words.double().mean(dim=0))
-        dense_relevance = None
-        if long_cap_embs is not None:
-            dense_dirs = torch.stack(
-                [unit64(long_cap_embs[v, : int(long_cap_lens[v])].double().mean(dim=0)) for v in range(num_images)]
-            )
-            dense_relevance = (unit_patches64 * dense_dirs[:, None]).sum(-1)
         if paper:
             predicted = torch.sigmoid(head.sparse_score_predictor(patches)[..., 0]).double()
             sparse_score = (1 - 2 * beta) * predicted + beta * (_minmax(text_relevance) + 2 * _minmax(saliency))

@@ -63,6 +63,9 @@ class SepsHeadSettings(Settings):
     pair_chunk_size: int = setting(
         512, ge=1, help="(image, caption) pairs scored at once; bounds memory, does not change the result"
     )
+    checkpoint_pairs: bool = setting(
+        False, help="training: recompute each block of pairs in the backward pass (less memory, ~1.3x time)"
+    )
 
     @property
     def num_keep(self) -> int:
