@@ -135,3 +135,29 @@ def test_frozen_vision_gets_no_gradient():
     model(batch())["loss"].backward()
     assert all(p.grad is None for p in model.visual_encoder.parameters())
     assert model.ln_vision.weight.grad is not None
+
+
+@pytest.mark.slow
+def test_full_widths_and_local_eva_checkpoint(tmp_path):
+    """The pretrain preset's real widths (ViT-g 1408, BERT-base 768, 32 queries), shallow, plus EVA loading."""
+    shallow = {"vision": {"depth": 1, "precision": "fp32"}, "qformer": {"num_hidden_layers": 2,
+               "vocab_file": "package:configs/demo_vocab.txt"}}
+    torch.manual_seed(0)
+    model = Blip2CirModel.from_config({"arch": "lever_blip2_cir", "model_type": "pretrain", "use_gated_fusion": True,
+                                       **shallow})
+    assert model.gated_fusion.hidden_size == 1408 and model.gated_fusion.text_width == 768
+    assert model.plugin_parameter_count() == 8_115_713
+    assert all(not p.requires_grad for p in model.visual_encoder.parameters())  # frozen as in SPRC
+    eva = dict(model.visual_encoder.state_dict())
+    eva["head.weight"] = torch.zeros(1, 1408)  # EVA checkpoints carry a head LAVIS drops
+    path = tmp_path / "eva_vit_g.pth"
+    torch.save(eva, path)
+    torch.manual_seed(1)
+    loaded = Blip2CirModel.from_config({"arch": "lever_blip2_cir", "model_type": "pretrain",
+                                        "vision": {**shallow["vision"], "checkpoint": str(path)},
+                                        "qformer": shallow["qformer"]})
+    torch.testing.assert_close(loaded.visual_encoder.patch_embed.proj.weight, model.visual_encoder.patch_embed.proj.weight)
+    with torch.no_grad():
+        images = torch.randn(1, 3, 224, 224)
+        assert loaded.target_features(images).shape == (1, 32, 256)
+        assert loaded.fusion_features(images, ["make it blue"]).shape == (1, 256)
