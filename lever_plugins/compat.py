@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 from types import ModuleType
 
 _MOVED_HELPERS = ("apply_chunking_to_forward", "find_pruneable_heads_and_indices", "prune_linear_layer")
@@ -44,7 +45,10 @@ def import_lavis() -> ModuleType:
         return sys.modules["lavis"]
     try:
         install_transformers_shim()
-        return importlib.import_module("lavis")
+        with warnings.catch_warnings():
+            # LAVIS imports timm's pre-1.0 module paths; timm 1.x warns on each, which is noise for users.
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"timm\..*")
+            return importlib.import_module("lavis")
     except ImportError as exc:
         raise LavisUnavailable(
             f"salesforce-lavis is not importable ({type(exc).__name__}: {exc}). "
