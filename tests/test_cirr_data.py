@@ -244,8 +244,13 @@ def test_missing_image_names_file_and_entry(cirr_root: Path):
         CirrGalleryDataset(cirr_root, "val", TRANSFORM)[2]
 
 
+@pytest.mark.parametrize("lenient_pillow", [False, True], ids=["default", "after-import-lavis"])
 @pytest.mark.parametrize("corruption", ["garbage", "truncated"])
-def test_undecodable_image_names_file_and_entry(cirr_root: Path, corruption: str):
+def test_undecodable_image_names_file_and_entry(cirr_root: Path, corruption: str, lenient_pillow: bool, monkeypatch):
+    from PIL import ImageFile
+
+    # importing LAVIS sets this global, which makes Pillow pad truncated files silently
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", lenient_pillow)
     path = cirr_root / "dev" / "dev-1-0-img0.png"
     data = path.read_bytes()
     path.write_bytes(b"\x89PNG not really an image" if corruption == "garbage" else data[: len(data) // 2])
@@ -255,6 +260,7 @@ def test_undecodable_image_names_file_and_entry(cirr_root: Path, corruption: str
     text = str(info.value)
     assert str(path) in text and "cannot decode image" in text and "pairid 103 reference" in text
     assert "\n" not in text
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is lenient_pillow  # the caller's setting is restored
 
 
 # ------------------------------------------------------------------------------------------- transforms

@@ -27,6 +27,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 
+from lever_plugins.datasets.images import DECODE_ERRORS, decode_rgb
+
 CIRR_SPLITS = ("train", "val", "test1")
 SPLITS_WITHOUT_TARGETS = ("test1",)
 
@@ -211,12 +213,10 @@ def load_cirr_image(path: Path, referenced_by: str) -> Image.Image:
         CirrDataError: the file is missing or does not decode.
     """
     try:
-        with Image.open(path) as image:
-            image.load()  # PIL decodes lazily; force it so truncated files fail here
-            return image.convert("RGB")
+        return decode_rgb(path)
     except FileNotFoundError:
         raise CirrDataError(f"{path}: image file is missing (referenced by {referenced_by})") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except DECODE_ERRORS as error:
         raise CirrDataError(
             f"{path}: cannot decode image ({type(error).__name__}: {_one_line(error)}) (referenced by {referenced_by})"
         ) from None
