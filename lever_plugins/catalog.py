@@ -85,6 +85,31 @@ PLUGINS: tuple[PluginSpec, ...] = (
         purpose="lr x lr_gamma at each epoch in lr_milestones (LAPS's schedule)",
         recipe_block="run.lr_sched",
     ),
+    PluginSpec(
+        kind="model",
+        name="lever_pointer_selector",
+        target="lever_plugins.models.pointer_selector:PointerSelectorModel",
+        purpose="pointer selectors V1/V2/V3 choosing in-context demonstrations from a candidate pool (SPEC §7)",
+        settings="lever_plugins.schemas.icl:PointerSelectorSettings",
+        recipe_block="model",
+        model_types=("v1", "v2", "v3"),
+    ),
+    PluginSpec(
+        kind="dataset",
+        name="lever_vqa_icl",
+        target="lever_plugins.datasets.icl_builders:VqaIclBuilder",
+        purpose="VQAv2 / OK-VQA questions + annotations with beam-search files and cached features (or the generated demo)",
+        settings="lever_plugins.schemas.icl:VqaIclDatasetSettings",
+        recipe_block="datasets.lever_vqa_icl",
+    ),
+    PluginSpec(
+        kind="task",
+        name="lever_icl_selection",
+        target="lever_plugins.tasks.icl_selection:IclSelectionTask",
+        purpose="ICD selection pipeline: embed -> beam search (VLM scorer) -> train selector -> select -> VQA accuracy vs zero-shot/random/RICES",
+        settings="lever_plugins.schemas.icl:IclSelectionRunSettings",
+        recipe_block="run",
+    ),
 )
 
 

@@ -178,6 +178,10 @@ def describe_plan(resolved: ResolvedRecipe) -> str:
             )
         else:
             lines.append("#   gated_fusion: off (use_gated_fusion: false) - the SPRC baseline")
+    if model["arch"] == "lever_pointer_selector":
+        from lever_plugins.icl.plan import describe_icl_plan
+
+        lines.extend(describe_icl_plan(resolved.data))
     for name, block in resolved.data["datasets"].items():
         lines.append(f"#   dataset {name}: root {block.get('root')} splits {block.get('splits')}")
     lines.append(f"#   outputs: {resolved.output_dir()}")

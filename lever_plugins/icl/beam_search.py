@@ -1,0 +1,221 @@
+"""Beam-search training data for the pointer selectors (Lever-LM style), written incrementally.
+
+For each query ``x`` (with gold answer ``y``) and its candidate pool ``P`` (K supporting examples):
+
+1. ``s(S) = score(VLM(y | x, S))`` for a demonstration sequence ``S``, from the answer's mean
+   per-token NLL: ``exp(-NLL)`` (``prob_gain``, Lever-LM's InfoScore) or ``-NLL`` (``logprob_gain``);
+2. step ``t`` extends every kept beam ``S`` by every candidate ``c`` of ``P`` not in ``S``; the
+   candidate's **gain** is ``s(S + c) - s(S)``; all extensions of all beams are scored in one batched
+   pass (``run.vlm.batch_size`` sequences per forward, no loop over candidates);
+3. the ``beam_size`` extensions with the highest **cumulative gain** ``s(S + c) - s([])`` are kept.
+   Cumulative gain ranks sequences by how much they raise the gold answer's score over zero-shot;
+   Lever-LM ranks by the last step's gain alone, which differs when beams start from different
+   scores. Ties go to the earlier beam, then the lower pool index (deterministic).
+
+The best final beam is the training sequence: ``icds`` (pool indices in selection order) and
+``scores`` (each step's gain: ``scores[i]`` is the gain of ``icds[i]``; for ``prob_gain`` they sum to
+``s(icds) - s([])``). Each finished query is appended as one line to ``beams.part<rank>.jsonl``;
+a re-run skips question_ids already present in any part file, so a killed run loses at most the
+query in progress. :func:`merge_beam_parts` writes ``beams.json`` once every query is done.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence
+
+import torch
+
+from lever_plugins.icl.data import VqaExample, VqaSplit, append_jsonl, atomic_write_json, read_jsonl
+from lever_plugins.icl.vlm import IclPrompt, VqaVlm, score_from_nll
+
+logger = logging.getLogger(__name__)
+
+BEAMS_FILE = "beams.json"
+POOLS_FILE = "pools.json"
+PART_PREFIX = "beams.part"
+
+
+# ----------------------------------------------------------------------------------------- pools
+
+
+def random_pools(query_ids: Sequence[int], candidate_ids: Sequence[int], pool_size: int, seed: int) -> dict[int, list[int]]:
+    """K random candidates per query (never the query itself), seeded per question_id.
+
+    The pool of a query depends only on ``(seed, question_id, candidate_ids)``, not on the other
+    queries, so adding queries or resuming leaves existing pools unchanged.
+    """
+    population = sorted(candidate_ids)
+    if len(population) - 1 < pool_size:
+        raise ValueError(f"pool_size {pool_size} needs more than {len(population)} supporting examples")
+    pools = {}
+    for qid in query_ids:
+        rng = random.Random(f"{seed}:{qid}")
+        chosen = [c for c in rng.sample(population, pool_size + 1) if c != qid][:pool_size]
+        pools[int(qid)] = chosen
+    return pools
+
+
+def similarity_pools(
+    query_ids: Sequence[int], query_emb: torch.Tensor, candidate_ids: Sequence[int], cand_emb: torch.Tensor,
+    pool_size: int, chunk: int = 1024,
+) -> dict[int, list[int]]:
+    """The K candidates most cosine-similar to each query (the query itself excluded), most similar first.
+
+    Args:
+        query_emb: ``(Q, d)`` aligned with ``query_ids``.
+        cand_emb: ``(N, d)`` aligned with ``candidate_ids``.
+    """
+    if len(candidate_ids) - 1 < pool_size:
+        raise ValueError(f"pool_size {pool_size} needs more than {len(candidate_ids)} supporting examples")
+    cand_unit = torch.nn.functional.normalize(cand_emb.float(), dim=-1)
+    cand_ids = torch.as_tensor(list(candidate_ids), dtype=torch.long)
+    pools = {}
+    for start in range(0, len(query_ids), chunk):
+        ids = torch.as_tensor(list(query_ids[start:start + chunk]), dtype=torch.long)
+        sims = torch.nn.functional.normalize(query_emb[start:start + chunk].float(), dim=-1) @ cand_unit.T
+        sims = sims.masked_fill(ids[:, None] == cand_ids[None, :], float("-inf"))
+        top = sims.topk(pool_size, dim=-1).indices
+        for qid, row in zip(ids.tolist(), top.tolist()):
+            pools[qid] = cand_ids[row].tolist()
+    return pools
+
+
+# ----------------------------------------------------------------------------------------- search
+
+
+@dataclass(frozen=True)
+class _Beam:
+    sequence: tuple[int, ...]  # pool indices in selection order
+    gains: tuple[float, ...]
+    score: float  # s(sequence)
+
+
+def beam_search_query(
+    vlm: VqaVlm, query: VqaExample, pool: Sequence[VqaExample], beam_size: int, shots: int, score: str
+) -> dict:
+    """Beam search for one query (see the module docstring).
+
+    Returns:
+        ``{"question_id", "icds", "scores", "base_score", "final_score", "beams": [{"icds", "scores"}]}``
+        with the best beam first.
+    """
+    if shots > len(pool):
+        raise ValueError(f"question_id {query.question_id}: cannot choose {shots} demonstrations from a pool of {len(pool)}")
+    base = float(score_from_nll(vlm.answer_nll([IclPrompt(query)], [query.answer]), score)[0])
+    beams = [_Beam((), (), base)]
+    for _ in range(shots):
+        owners: list[tuple[int, int]] = []
+        prompts: list[IclPrompt] = []
+        for b, beam in enumerate(beams):
+            for c in range(len(pool)):
+                if c in beam.sequence:
+                    continue
+                owners.append((b, c))
+                prompts.append(IclPrompt(query, tuple(pool[i] for i in (*beam.sequence, c))))
+        scores = score_from_nll(vlm.answer_nll(prompts, [query.answer] * len(prompts)), score).tolist()
+        ranked = sorted(range(len(owners)), key=lambda j: (-(scores[j] - base), owners[j][0], owners[j][1]))
+        new_beams = []
+        for j in ranked[:beam_size]:
+            b, c = owners[j]
+            parent = beams[b]
+            new_beams.append(_Beam((*parent.sequence, c), (*parent.gains, scores[j] - parent.score), scores[j]))
+        beams = new_beams
+    best = beams[0]
+    return {
+        "question_id": query.question_id,
+        "icds": list(best.sequence),
+        "scores": list(best.gains),
+        "base_score": base,
+        "final_score": best.score,
+        "beams": [{"icds": list(b.sequence), "scores": list(b.gains)} for b in beams],
+    }
+
+
+def part_path(out_dir: str, rank: int) -> str:
+    return os.path.join(out_dir, f"{PART_PREFIX}{rank}.jsonl")
+
+
+def _part_files(out_dir: str) -> list[str]:
+    if not os.path.isdir(out_dir):
+        return []
+    names = sorted(n for n in os.listdir(out_dir) if n.startswith(PART_PREFIX) and n.endswith(".jsonl"))
+    return [os.path.join(out_dir, n) for n in names]
+
+
+def finished_records(out_dir: str, repair: bool = False) -> dict[int, dict]:
+    """Records of every query already written to any part file, by question_id."""
+    done: dict[int, dict] = {}
+    for path in _part_files(out_dir):
+        for record in read_jsonl(path, repair=repair):
+            done[int(record["question_id"])] = record
+    return done
+
+
+def run_beam_search(
+    vlm: VqaVlm,
+    candidates: VqaSplit,
+    query_ids: Sequence[int],
+    pools: Mapping[int, Sequence[int]],
+    out_dir: str,
+    *,
+    beam_size: int,
+    shots: int,
+    score: str,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+    max_queries: Optional[int] = None,
+) -> int:
+    """Beam-search this rank's share of ``query_ids`` that are not finished yet; returns how many ran.
+
+    Queries are dealt round-robin to ranks (``query_ids[rank::world_size]``); each rank appends to
+    its own part file. ``max_queries`` stops early (used by tests to simulate an interrupted run).
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    own_path = part_path(out_dir, rank)
+    read_jsonl(own_path, repair=True)  # cut a half-written last line before appending
+    done = finished_records(out_dir)
+    todo = [q for q in list(query_ids)[rank::world_size] if q not in done]
+    if max_queries is not None:
+        todo = todo[:max_queries]
+    if not todo:
+        return 0
+    logger.info("beam search: %d queries to do (%d already done) on rank %d", len(todo), len(done), rank)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="beam search", leave=False, dynamic_ncols=True)
+    started = time.time()
+    for count, qid in enumerate(todo, start=1):
+        query = candidates[qid]
+        pool = [candidates[c] for c in pools[qid]]
+        record = beam_search_query(vlm, query, pool, beam_size, shots, score)
+        append_jsonl(own_path, [record])
+        if bar is not None:
+            bar.update(1)
+        elif count % 100 == 0:
+            logger.info("beam search: %d/%d queries (%.1f s/query)", count, len(todo), (time.time() - started) / count)
+    if bar is not None:
+        bar.close()
+    return len(todo)
+
+
+def merge_beam_parts(out_dir: str, query_ids: Sequence[int]) -> Optional[str]:
+    """Write ``beams.json`` (the seeds' format) once every query of ``query_ids`` is finished.
+
+    Returns its path, or None while queries are missing.
+    """
+    done = finished_records(out_dir)
+    missing = [q for q in query_ids if q not in done]
+    if missing:
+        logger.info("beam search: %d of %d queries still missing; beams.json not written yet", len(missing), len(query_ids))
+        return None
+    merged = {str(q): {"icds": done[q]["icds"], "scores": done[q]["scores"]} for q in sorted(query_ids)}
+    path = os.path.join(out_dir, BEAMS_FILE)
+    atomic_write_json(path, merged)
+    return path

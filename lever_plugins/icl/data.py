@@ -1,0 +1,340 @@
+"""VQAv2 / OK-VQA question + annotation files, beam-search files and their on-disk conventions.
+
+File formats (the official VQAv2 JSON; OK-VQA uses the same):
+
+* questions: ``{"questions": [{"question_id", "image_id", "question"}, ...]}``
+* annotations: ``{"annotations": [{"question_id", "image_id", "answers": [{"answer", ...} x 10],
+  "multiple_choice_answer", ...}, ...]}``
+* beam search (ours; the seeds' format plus the pool): ``beams.json`` =
+  ``{question_id: {"icds": [pool indices, in selection order], "scores": [one per icd]}}`` and
+  ``pools.json`` = ``{question_id: [candidate question_ids, K of them]}``: ``icds[i]`` indexes the
+  query's pool, so ``pools[qid][icds[i]]`` is the question_id of the i-th demonstration.
+
+Everything is keyed by **question_id**, never by a position in a file. Errors name the file and the
+question_id at fault.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+
+logger = logging.getLogger(__name__)
+
+
+class IclDataError(ValueError):
+    """A data file is missing, unreadable or holds an entry that cannot be used (message names it)."""
+
+
+@dataclass(frozen=True)
+class VqaExample:
+    """One VQA question with its human answers.
+
+    ``answer`` is VQAv2's ``multiple_choice_answer`` (the most common human answer): the gold
+    answer the beam search scores and demonstrations show. ``answers`` are all human answers (for
+    :func:`lever_plugins.metrics.vqa.vqa_accuracy`).
+    """
+
+    question_id: int
+    image_id: int
+    question: str
+    answer: str
+    answers: tuple[str, ...]
+    image_path: Optional[str] = None
+
+
+@dataclass
+class VqaSplit:
+    """The examples of one split, sorted by question_id, with a lookup by question_id."""
+
+    name: str
+    examples: list[VqaExample]
+    index: dict[int, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.index = {ex.question_id: i for i, ex in enumerate(self.examples)}
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, question_id: int) -> VqaExample:
+        return self.examples[self.index[question_id]]
+
+    def __contains__(self, question_id: object) -> bool:
+        return question_id in self.index
+
+    @property
+    def question_ids(self) -> list[int]:
+        return [ex.question_id for ex in self.examples]
+
+
+def read_json(path: str, what: str) -> Any:
+    """Load a JSON file; a missing or malformed file is an :class:`IclDataError` naming it."""
+    if not os.path.isfile(path):
+        raise IclDataError(f"{path}: {what} file not found")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IclDataError(f"{path}: {what} file is not valid JSON ({exc})") from None
+
+
+def atomic_write_json(path: str, obj: Any, indent: Optional[int] = None) -> None:
+    """Write JSON through a temporary file and ``os.replace`` (a kill never leaves half a file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(obj, handle, indent=indent)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def _as_int(value: Any, path: str, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise IclDataError(f"{path}: {what} must be an integer, got {value!r}")
+    try:
+        return int(value)
+    except ValueError:
+        raise IclDataError(f"{path}: {what} must be an integer, got {value!r}") from None
+
+
+def load_vqa_split(
+    name: str,
+    questions_path: str,
+    annotations_path: str,
+    images_dir: Optional[str] = None,
+    image_template: str = "{image_id:012d}.jpg",
+) -> VqaSplit:
+    """Join a VQAv2-format questions file with its annotations file by question_id.
+
+    Args:
+        name: split name used in messages (``train``, ``eval``).
+        questions_path: ``{"questions": [...]}`` file.
+        annotations_path: ``{"annotations": [...]}`` file.
+        images_dir: folder of the split's images (optional; text-only VLMs need none).
+        image_template: file name of an image inside ``images_dir``, formatted with ``image_id``
+            (COCO: ``COCO_train2014_{image_id:012d}.jpg``).
+
+    Raises:
+        IclDataError: naming the file and question_id of the first unusable entry (missing field,
+            duplicate question_id, a question without annotation, no answers).
+    """
+    questions = read_json(questions_path, "questions")
+    annotations = read_json(annotations_path, "annotations")
+    if not isinstance(questions, Mapping) or not isinstance(questions.get("questions"), list):
+        raise IclDataError(f"{questions_path}: expected {{'questions': [...]}} (the VQAv2 questions format)")
+    if not isinstance(annotations, Mapping) or not isinstance(annotations.get("annotations"), list):
+        raise IclDataError(f"{annotations_path}: expected {{'annotations': [...]}} (the VQAv2 annotations format)")
+
+    by_id: dict[int, Mapping] = {}
+    for position, entry in enumerate(annotations["annotations"]):
+        if not isinstance(entry, Mapping) or "question_id" not in entry:
+            raise IclDataError(f"{annotations_path}: annotation #{position} has no question_id")
+        qid = _as_int(entry["question_id"], annotations_path, f"annotation #{position} question_id")
+        if qid in by_id:
+            raise IclDataError(f"{annotations_path}: question_id {qid} is annotated twice")
+        by_id[qid] = entry
+
+    examples: list[VqaExample] = []
+    seen: set[int] = set()
+    for position, entry in enumerate(questions["questions"]):
+        if not isinstance(entry, Mapping):
+            raise IclDataError(f"{questions_path}: question #{position} is not an object")
+        for key in ("question_id", "image_id", "question"):
+            if key not in entry:
+                where = f"question_id {entry['question_id']}" if "question_id" in entry else f"question #{position}"
+                raise IclDataError(f"{questions_path}: {where} has no {key!r}")
+        qid = _as_int(entry["question_id"], questions_path, f"question #{position} question_id")
+        if qid in seen:
+            raise IclDataError(f"{questions_path}: question_id {qid} appears twice")
+        seen.add(qid)
+        annotation = by_id.get(qid)
+        if annotation is None:
+            raise IclDataError(f"{annotations_path}: no annotation for question_id {qid} (from {questions_path})")
+        raw_answers = annotation.get("answers")
+        if not isinstance(raw_answers, list) or not raw_answers:
+            raise IclDataError(f"{annotations_path}: question_id {qid} has no 'answers' list")
+        answers = []
+        for item in raw_answers:
+            text = item.get("answer") if isinstance(item, Mapping) else item
+            if not isinstance(text, str):
+                raise IclDataError(f"{annotations_path}: question_id {qid} has an answer that is not a string: {item!r}")
+            answers.append(text)
+        gold = annotation.get("multiple_choice_answer")
+        if not isinstance(gold, str) or not gold.strip():
+            gold = max(set(answers), key=lambda a: (answers.count(a), a))  # most common, ties alphabetical
+        image_id = _as_int(entry["image_id"], questions_path, f"question_id {qid} image_id")
+        image_path = os.path.join(images_dir, image_template.format(image_id=image_id)) if images_dir else None
+        examples.append(
+            VqaExample(
+                question_id=qid, image_id=image_id, question=str(entry["question"]), answer=gold,
+                answers=tuple(answers), image_path=image_path,
+            )
+        )
+    if not examples:
+        raise IclDataError(f"{questions_path}: no questions")
+    examples.sort(key=lambda ex: ex.question_id)
+    logger.info("%s split: %d questions from %s", name, len(examples), questions_path)
+    return VqaSplit(name, examples)
+
+
+# ------------------------------------------------------------------------------------------ JSONL
+
+
+def append_jsonl(path: str, records: Iterable[Mapping]) -> None:
+    """Append complete lines and fsync, so that a killed run loses at most the line being written."""
+    lines = "".join(json.dumps(record) + "\n" for record in records)
+    if not lines:
+        return
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(lines)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_jsonl(path: str, repair: bool = False) -> list[dict]:
+    """Records of a JSONL file written by :func:`append_jsonl`.
+
+    A last line without its newline (a write interrupted by a kill) is dropped with a warning and,
+    with ``repair``, cut from the file so that later appends start on a clean line. Any other
+    malformed line is an :class:`IclDataError` naming the file and line.
+    """
+    if not os.path.isfile(path):
+        return []
+    with open(path, "rb") as handle:
+        data = handle.read()
+    records = []
+    complete_bytes = 0
+    for number, raw in enumerate(data.splitlines(keepends=True), start=1):
+        if not raw.endswith(b"\n"):
+            logger.warning("%s: dropping an incomplete last line (an interrupted write)", path)
+            if repair:
+                with open(path, "r+b") as handle:
+                    handle.truncate(complete_bytes)
+            break
+        complete_bytes += len(raw)
+        if not raw.strip():
+            continue
+        try:
+            records.append(json.loads(raw))
+        except json.JSONDecodeError as exc:
+            raise IclDataError(f"{path}:{number}: malformed line ({exc})") from None
+    return records
+
+
+# ------------------------------------------------------------------------------------------ beams
+
+
+@dataclass(frozen=True)
+class BeamEntry:
+    """Beam-search result of one query: ``icds`` index ``pool`` (candidate question_ids)."""
+
+    question_id: int
+    pool: tuple[int, ...]
+    icds: tuple[int, ...]
+    scores: tuple[float, ...]
+
+
+def load_beam_files(
+    beams_path: str,
+    pools_path: str,
+    pool_size: Optional[int] = None,
+    candidates: Optional[VqaSplit] = None,
+) -> list[BeamEntry]:
+    """Read and check ``beams.json`` + ``pools.json`` (see the module docstring).
+
+    Args:
+        pool_size: expected K (every pool must have exactly K candidates).
+        candidates: the split the pools draw from; every pool question_id must be in it.
+
+    Returns:
+        Entries sorted by question_id.
+
+    Raises:
+        IclDataError: naming the file and question_id of any entry whose ``icds`` fall outside its
+            pool, repeat a candidate, disagree in length with ``scores``, or whose pool is missing,
+            of the wrong size or names unknown candidates.
+    """
+    beams = read_json(beams_path, "beam-search")
+    pools = read_json(pools_path, "candidate-pool")
+    if not isinstance(beams, Mapping):
+        raise IclDataError(f"{beams_path}: expected {{question_id: {{'icds': [...], 'scores': [...]}}}}")
+    if not isinstance(pools, Mapping):
+        raise IclDataError(f"{pools_path}: expected {{question_id: [candidate question_ids]}}")
+    entries = []
+    for key, record in beams.items():
+        qid = _as_int(key, beams_path, "a key (question_id)")
+        where = f"{beams_path}: question_id {qid}"
+        if not isinstance(record, Mapping) or not isinstance(record.get("icds"), list) or not isinstance(record.get("scores"), list):
+            raise IclDataError(f"{where}: expected {{'icds': [...], 'scores': [...]}}, got {record!r}")
+        pool = pools.get(str(qid), pools.get(qid)) if isinstance(pools, Mapping) else None  # type: ignore[call-overload]
+        if not isinstance(pool, list) or not pool:
+            raise IclDataError(f"{pools_path}: no candidate pool for question_id {qid} (named in {beams_path})")
+        pool_ids = tuple(_as_int(p, pools_path, f"question_id {qid} pool entry") for p in pool)
+        if pool_size is not None and len(pool_ids) != pool_size:
+            raise IclDataError(f"{pools_path}: question_id {qid} has a pool of {len(pool_ids)} candidates, expected K = {pool_size}")
+        if len(set(pool_ids)) != len(pool_ids):
+            raise IclDataError(f"{pools_path}: question_id {qid} has a pool that repeats a candidate")
+        if candidates is not None:
+            unknown = [p for p in pool_ids if p not in candidates]
+            if unknown:
+                raise IclDataError(
+                    f"{pools_path}: question_id {qid} has pool candidates not in the {candidates.name} split: {unknown[:5]}"
+                )
+        icds = []
+        for value in record["icds"]:
+            index = _as_int(value, beams_path, f"question_id {qid} icd")
+            if not 0 <= index < len(pool_ids):
+                raise IclDataError(
+                    f"{where}: icd index {index} is outside the pool of {len(pool_ids)} candidates (valid: 0..{len(pool_ids) - 1})"
+                )
+            icds.append(index)
+        if not icds:
+            raise IclDataError(f"{where}: empty 'icds'")
+        if len(set(icds)) != len(icds):
+            raise IclDataError(f"{where}: 'icds' repeats a candidate: {icds}")
+        scores = record["scores"]
+        if len(scores) != len(icds) or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
+            raise IclDataError(f"{where}: 'scores' must hold one number per icd ({len(icds)}), got {scores!r}")
+        entries.append(BeamEntry(qid, pool_ids, tuple(icds), tuple(float(s) for s in scores)))
+    entries.sort(key=lambda e: e.question_id)
+    return entries
+
+
+def split_by_question_id(question_ids: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic train/val split by question_id (independent of file order and of the other ids).
+
+    Each id goes to val when a hash of ``(seed, question_id)`` falls below ``val_fraction``; with at
+    least two ids and ``0 < val_fraction < 1`` both parts are non-empty (the extreme id is moved).
+    """
+    import hashlib
+
+    def unit(qid: int) -> float:
+        digest = hashlib.sha256(f"{seed}:{qid}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+
+    ranked = sorted(question_ids, key=unit)
+    val = {qid for qid in ranked if unit(qid) < val_fraction}
+    if 0 < val_fraction < 1 and len(ranked) >= 2:
+        if not val:
+            val = {ranked[0]}
+        elif len(val) == len(ranked):
+            val.discard(ranked[-1])
+    train_ids = sorted(q for q in question_ids if q not in val)
+    return train_ids, sorted(val)
+
+
+def iter_chunks(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

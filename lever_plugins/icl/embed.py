@@ -1,0 +1,337 @@
+"""Query / candidate features for the selectors, pools and RICES, cached to disk.
+
+Encoders (``run.embed.encoder``):
+
+* ``blip2``: a BLIP-2 Q-Former feature extractor built from explicit sizes with
+  :mod:`lever_plugins.models.blip2_components` (LAVIS modules, local weights only). ``modality``:
+  ``text`` pools the Q-Former text outputs; ``image`` pools the 32 query outputs over the image;
+  ``multimodal`` pools the query outputs when queries attend the image and self-attend with the text
+  (BLIP-2's multimodal features). Width: the Q-Former hidden size (768 for real BLIP-2).
+* ``transformers``: any local ``AutoModel`` text encoder (e.g. BERT / MiniLM), mean or [CLS] pooling.
+
+Three tables are cached under ``datasets.lever_vqa_icl.features_dir`` (each
+``{"question_ids": (N,), "embeddings": (N, d)}``, loaded with ``weights_only=True``): ``train_query`` (supporting-set questions), ``train_candidate``
+(supporting-set demonstrations: question + answer, or an alias of ``train_query`` when
+``candidate_text: question``) and ``eval_query``. ``manifest.json`` records what made them; a cache
+made with other settings is refused rather than silently mixed. Work is saved in parts of
+``PART_EXAMPLES`` examples, so an interrupted run resumes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lever_plugins.icl.data import IclDataError, VqaExample, VqaSplit, atomic_write_json, read_json
+from lever_plugins.schema import expand_path
+from lever_plugins.schemas.icl import EmbedSettings
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+TABLES = ("train_query", "train_candidate", "eval_query")
+PART_EXAMPLES = 4096
+
+# BLIP-2's eval image transform (LAVIS blip_image_eval): bicubic resize, CLIP mean / std.
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """``(B, L, H)`` with ``mask (B, L)`` -> ``(B, H)``: first position or masked mean."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+class FeatureEncoder(nn.Module):
+    """Maps texts (and optionally images) to ``(N, dim)`` features."""
+
+    dim: int
+    needs_images: bool = False
+
+    def encode(self, texts: Sequence[str], images: Optional[Sequence[Any]] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TransformersTextEncoder(FeatureEncoder):
+    """A local ``transformers`` encoder (``AutoModel`` + ``AutoTokenizer``)."""
+
+    def __init__(self, path: str, pooling: str, device: torch.device, max_length: int = 64):
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"run.embed.path: encoder folder not found: {path}")
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
+        self.pooling = pooling
+        self.max_length = max_length
+        self.device = device
+        self.dim = int(self.model.config.hidden_size)
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], images: Optional[Sequence[Any]] = None) -> torch.Tensor:
+        tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt").to(self.device)
+        hidden = self.model(**tokens).last_hidden_state
+        return _pool(hidden, tokens["attention_mask"], self.pooling).float()
+
+
+class Blip2FeatureEncoder(FeatureEncoder):
+    """BLIP-2 Q-Former features; module names match LAVIS's ``Blip2Qformer`` so its checkpoints load."""
+
+    def __init__(self, settings: EmbedSettings, device: torch.device):
+        super().__init__()
+        from lever_plugins.models.blip2_components import (
+            build_qformer, build_tokenizer, build_vision_encoder, load_checked, load_torch_file,
+        )
+
+        blip2 = settings.blip2
+        self.modality = settings.modality
+        self.pooling = settings.pooling
+        self.max_txt_len = blip2.max_txt_len
+        self.needs_images = settings.modality != "text"
+        self.tokenizer = build_tokenizer(blip2.qformer)
+        vision_width = blip2.vision.width
+        if self.needs_images:
+            self.visual_encoder, self.ln_vision = build_vision_encoder(blip2.vision)
+            self.image_size = blip2.vision.image_size
+        self.Qformer, self.query_tokens = build_qformer(blip2.qformer, vision_width, len(self.tokenizer))
+        self.dim = blip2.qformer.hidden_size
+        if blip2.pretrained:
+            # Only the parts this modality uses must be present; heads and projections are not used.
+            unused = ("vision_proj.", "text_proj.", "itm_head.", "temp", "Qformer.cls.")
+            if not self.needs_images:
+                unused += ("visual_encoder.", "ln_vision.")
+            allowed_missing = ("Qformer.cls.",)
+            if blip2.vision.checkpoint:
+                allowed_missing += ("visual_encoder.",)
+            load_checked(self, load_torch_file(blip2.pretrained), blip2.pretrained,
+                         allowed_missing=allowed_missing, ignored_unexpected=unused)
+        self.device = device
+        self.to(device).eval()
+
+    def _image_tensor(self, images: Sequence[Any]) -> torch.Tensor:
+        from torchvision import transforms
+
+        transform = transforms.Compose([
+            transforms.Resize((self.image_size, self.image_size), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.ToTensor(),
+            transforms.Normalize(_CLIP_MEAN, _CLIP_STD),
+        ])
+        return torch.stack([transform(image) for image in images]).to(self.device)
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], images: Optional[Sequence[Any]] = None) -> torch.Tensor:
+        text = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=self.max_txt_len, return_tensors="pt").to(self.device)
+        if self.modality == "text":
+            hidden = self.Qformer.bert(text.input_ids, attention_mask=text.attention_mask, return_dict=True).last_hidden_state
+            return _pool(hidden, text.attention_mask, self.pooling).float()
+        if images is None:
+            raise ValueError("BLIP-2 image / multimodal features need images")
+        vit_dtype = next(self.visual_encoder.parameters()).dtype  # fp16 ViT-g on cuda
+        image_embeds = self.ln_vision(self.visual_encoder(self._image_tensor(images).to(vit_dtype)).float())
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        num_query = queries.shape[1]
+        query_mask = torch.ones(queries.shape[:-1], dtype=torch.long, device=self.device)
+        if self.modality == "image":
+            output = self.Qformer.bert(query_embeds=queries, encoder_hidden_states=image_embeds,
+                                       encoder_attention_mask=image_atts, return_dict=True)
+        else:
+            output = self.Qformer.bert(text.input_ids, query_embeds=queries,
+                                       attention_mask=torch.cat([query_mask, text.attention_mask], dim=1),
+                                       encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts, return_dict=True)
+        return _pool(output.last_hidden_state[:, :num_query], query_mask, self.pooling).float()
+
+
+def build_encoder(settings: EmbedSettings) -> FeatureEncoder:
+    from lever_plugins.icl.vlm import resolve_device
+
+    device = resolve_device(settings.device)
+    if settings.encoder == "transformers":
+        return TransformersTextEncoder(expand_path(str(settings.path)), settings.pooling, device)
+    return Blip2FeatureEncoder(settings, device)
+
+
+# ------------------------------------------------------------------------------------------ cache
+
+
+def query_text(example: VqaExample) -> str:
+    return example.question
+
+
+def candidate_text(example: VqaExample, kind: str) -> str:
+    return example.question if kind == "question" else f"{example.question} {example.answer}"
+
+
+def _load_images(examples: Sequence[VqaExample]) -> list:
+    from PIL import Image
+
+    images = []
+    for example in examples:
+        if not example.image_path:
+            raise IclDataError(
+                f"question_id {example.question_id}: image features need the split's image folder "
+                "(datasets.lever_vqa_icl.train_images / eval_images)"
+            )
+        try:
+            with Image.open(example.image_path) as image:
+                images.append(image.convert("RGB"))
+        except (OSError, ValueError) as exc:
+            raise IclDataError(f"{example.image_path}: cannot read the image of question_id {example.question_id} ({exc})") from None
+    return images
+
+
+def table_path(cache_dir: str, table: str) -> str:
+    return os.path.join(cache_dir, f"{table}.pt")
+
+
+def encode_table(
+    encoder: FeatureEncoder, examples: Sequence[VqaExample], texts: Sequence[str], cache_dir: str, table: str,
+    batch_size: int, normalize: bool, progress: bool = True,
+) -> dict:
+    """Encode ``examples`` part by part (resuming finished parts) and save ``<table>.pt``."""
+    parts = []
+    num_parts = (len(examples) + PART_EXAMPLES - 1) // PART_EXAMPLES
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(examples), desc=f"embed {table}", leave=False, dynamic_ncols=True)
+    for part in range(num_parts):
+        path = os.path.join(cache_dir, f"{table}.part{part:05d}.pt")
+        lo, hi = part * PART_EXAMPLES, min(len(examples), (part + 1) * PART_EXAMPLES)
+        if os.path.isfile(path):
+            parts.append(torch.load(path, map_location="cpu", weights_only=True))
+            if bar is not None:
+                bar.update(hi - lo)
+        else:
+            chunks = []
+            for start in range(lo, hi, batch_size):
+                batch = examples[start:min(hi, start + batch_size)]
+                images = _load_images(batch) if encoder.needs_images else None
+                chunks.append(encoder.encode(texts[start:start + len(batch)], images).cpu())
+                if bar is not None:
+                    bar.update(len(batch))
+            features = torch.cat(chunks)
+            tmp = f"{path}.tmp-{os.getpid()}"
+            torch.save(features, tmp)
+            os.replace(tmp, path)
+            parts.append(features)
+    if bar is not None:
+        bar.close()
+    embeddings = torch.cat(parts)
+    if normalize:
+        embeddings = F.normalize(embeddings, dim=-1)
+    data = {"question_ids": torch.tensor([e.question_id for e in examples], dtype=torch.long), "embeddings": embeddings.contiguous()}
+    tmp = f"{table_path(cache_dir, table)}.tmp-{os.getpid()}"
+    torch.save(data, tmp)
+    os.replace(tmp, table_path(cache_dir, table))
+    for part in range(num_parts):
+        os.remove(os.path.join(cache_dir, f"{table}.part{part:05d}.pt"))
+    return data
+
+
+def embed_fingerprint(settings: EmbedSettings, train: VqaSplit, eval_split: VqaSplit) -> dict:
+    """What the cached features depend on (not where or how fast they were computed)."""
+    encoder = settings.to_dict()
+    for key in ("batch_size", "device"):
+        encoder.pop(key)
+    return {
+        "encoder": encoder,
+        "train_questions": len(train),
+        "train_first_last": [train.examples[0].question_id, train.examples[-1].question_id],
+        "eval_questions": len(eval_split),
+        "eval_first_last": [eval_split.examples[0].question_id, eval_split.examples[-1].question_id],
+    }
+
+
+def check_manifest(cache_dir: str, fingerprint: dict, what: str, hint: str) -> Optional[dict]:
+    """The manifest of ``cache_dir`` if it matches ``fingerprint``; None if absent; an error if it differs."""
+    path = os.path.join(cache_dir, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    manifest = read_json(path, f"{what} manifest")
+    recorded = manifest.get("fingerprint")
+    if recorded != fingerprint:
+        differing = _differences(recorded or {}, fingerprint)
+        raise IclDataError(
+            f"{path}: the {what} in {cache_dir} were made with other settings ({'; '.join(differing[:6])}); "
+            f"{hint}"
+        )
+    return manifest
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out.extend(_differences(old.get(key), new.get(key), f"{prefix}{key}."))
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def embed_stage(
+    settings: EmbedSettings, train: VqaSplit, eval_split: VqaSplit, cache_dir: str, progress: bool = True
+) -> dict[str, dict]:
+    """Compute (or reuse) the three feature tables; returns them by name."""
+    os.makedirs(cache_dir, exist_ok=True)
+    fingerprint = embed_fingerprint(settings, train, eval_split)
+    manifest = check_manifest(
+        cache_dir, fingerprint, "features",
+        "delete that folder or point datasets.lever_vqa_icl.features_dir at a new one",
+    )
+    if manifest is not None and manifest.get("complete") and all(os.path.isfile(table_path(cache_dir, t)) for t in TABLES):
+        logger.info("embed: reusing the features in %s", cache_dir)
+        return load_tables(cache_dir)
+    atomic_write_json(os.path.join(cache_dir, MANIFEST), {"fingerprint": fingerprint, "complete": False}, indent=2)
+    encoder = build_encoder(settings)
+    logger.info("embed: %s features (%s, d=%d) into %s", settings.encoder, settings.modality, encoder.dim, cache_dir)
+    tables = {}
+    jobs = [
+        ("train_query", train.examples, [query_text(e) for e in train.examples]),
+        ("eval_query", eval_split.examples, [query_text(e) for e in eval_split.examples]),
+    ]
+    if settings.candidate_text != "question":
+        jobs.insert(1, ("train_candidate", train.examples, [candidate_text(e, settings.candidate_text) for e in train.examples]))
+    for table, examples, texts in jobs:
+        if os.path.isfile(table_path(cache_dir, table)):
+            tables[table] = torch.load(table_path(cache_dir, table), map_location="cpu", weights_only=True)
+            continue
+        tables[table] = encode_table(encoder, examples, texts, cache_dir, table, settings.batch_size, settings.normalize, progress)
+    if "train_candidate" not in tables:
+        tables["train_candidate"] = tables["train_query"]
+        torch.save(tables["train_query"], table_path(cache_dir, "train_candidate"))
+    dims = {name: int(t["embeddings"].shape[1]) for name, t in tables.items()}
+    atomic_write_json(
+        os.path.join(cache_dir, MANIFEST),
+        {"fingerprint": fingerprint, "complete": True, "dim": dims["train_query"],
+         "tables": {name: {"file": os.path.basename(table_path(cache_dir, name)), "count": int(t["embeddings"].shape[0])}
+                    for name, t in tables.items()}},
+        indent=2,
+    )
+    return tables
+
+
+def load_tables(cache_dir: str) -> dict[str, dict]:
+    """The cached tables (an error naming the folder if the embed stage has not finished there)."""
+    manifest_path = os.path.join(cache_dir, MANIFEST)
+    manifest = read_json(manifest_path, "features manifest") if os.path.isfile(manifest_path) else None
+    if not manifest or not manifest.get("complete"):
+        raise IclDataError(f"{cache_dir}: no finished feature cache; run the embed stage first (run.stages)")
+    return {t: torch.load(table_path(cache_dir, t), map_location="cpu", weights_only=True) for t in TABLES}
+
+
+def rows_for(table: dict, question_ids: Sequence[int], where: str) -> torch.Tensor:
+    """``(len(question_ids), d)`` feature rows of ``table`` in the order of ``question_ids``."""
+    index = {int(q): i for i, q in enumerate(table["question_ids"].tolist())}
+    missing = [q for q in question_ids if q not in index]
+    if missing:
+        raise IclDataError(f"{where}: no features for question_ids {missing[:5]} (re-run the embed stage)")
+    return table["embeddings"][torch.tensor([index[q] for q in question_ids], dtype=torch.long)]

@@ -1,0 +1,216 @@
+"""Select demonstrations for evaluation queries and measure the VLM's VQA accuracy with them.
+
+Selection methods (each returns, per evaluation question_id, supporting-set question_ids in
+selection order; ``n`` shots use the first ``n``):
+
+* ``random``: a seeded random sample of the supporting set (per question_id);
+* ``similarity`` (RICES): the supporting examples whose query features are most cosine-similar to
+  the evaluation query's, most similar first;
+* ``pointer``: the trained selector's autoregressive choice from the query's candidate pool (built
+  exactly as for beam search: same pool kind, K and seed).
+
+Zero-shot (no demonstration) is always evaluated. Accuracy is the official VQAv2 metric
+(:func:`lever_plugins.metrics.vqa.vqa_accuracy`, in percent here). Predictions are appended per
+(method, shots) to ``predictions_<method>_<n>shot.jsonl``, so an interrupted evaluation resumes;
+the summary goes to ``vqa_accuracy.csv`` / ``.md`` / ``.png`` and ``summary.json``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import random
+from typing import Mapping, Optional, Sequence
+
+import torch
+
+from lever_plugins.icl.data import VqaSplit, append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from lever_plugins.icl.vlm import IclPrompt, VqaVlm
+from lever_plugins.metrics.vqa import vqa_accuracy
+
+logger = logging.getLogger(__name__)
+
+ZERO_SHOT = "zero_shot"
+METHOD_LABELS = {ZERO_SHOT: "zero-shot", "random": "random", "similarity": "similarity (RICES)", "pointer": "pointer selector"}
+
+
+def sample_queries(question_ids: Sequence[int], count: Optional[int], seed: int) -> list[int]:
+    """A seeded sample of ``count`` question_ids (all of them when ``count`` is None or larger), sorted."""
+    ids = sorted(question_ids)
+    if count is None or count >= len(ids):
+        return ids
+    return sorted(random.Random(f"queries:{seed}").sample(ids, count))
+
+
+def select_random(query_ids: Sequence[int], support_ids: Sequence[int], shots: int, seed: int) -> dict[int, list[int]]:
+    population = sorted(support_ids)
+    out = {}
+    for qid in query_ids:
+        picks = random.Random(f"random:{seed}:{qid}").sample(population, min(len(population), shots + 1))
+        out[int(qid)] = [p for p in picks if p != qid][:shots]
+    return out
+
+
+def select_similarity(
+    query_ids: Sequence[int], query_emb: torch.Tensor, support_ids: Sequence[int], support_emb: torch.Tensor, shots: int,
+    chunk: int = 1024,
+) -> dict[int, list[int]]:
+    """RICES: the ``shots`` most cosine-similar supporting examples (never the query itself)."""
+    from lever_plugins.icl.beam_search import similarity_pools
+
+    return similarity_pools(query_ids, query_emb, support_ids, support_emb, shots, chunk=chunk)
+
+
+@torch.no_grad()
+def select_pointer(
+    selector: torch.nn.Module,
+    query_ids: Sequence[int],
+    query_emb: torch.Tensor,
+    pools: Mapping[int, Sequence[int]],
+    cand_table: Mapping[int, int],
+    cand_emb: torch.Tensor,
+    batch_size: int = 256,
+) -> dict[int, list[int]]:
+    """The selector's picks: ``selector.predict`` on each query's pool, batched.
+
+    Args:
+        selector: a pointer selector (``predict(query_emb (B, d), cand_emb (B, K, d)) -> (B, S)``).
+        query_emb: ``(Q, d)`` aligned with ``query_ids``.
+        pools: candidate question_ids per query.
+        cand_table: candidate question_id -> row of ``cand_emb``.
+        cand_emb: ``(N, d)``.
+    """
+    device = next(selector.parameters()).device
+    out = {}
+    for start in range(0, len(query_ids), batch_size):
+        ids = list(query_ids[start:start + batch_size])
+        rows = torch.tensor([[cand_table[c] for c in pools[q]] for q in ids], dtype=torch.long)
+        predictions, _ = selector.predict(query_emb[start:start + len(ids)].to(device), cand_emb[rows].to(device))
+        for qid, picks in zip(ids, predictions.tolist()):
+            out[int(qid)] = [int(pools[qid][p]) for p in picks]
+    return out
+
+
+def predictions_path(out_dir: str, method: str, shots: int) -> str:
+    return os.path.join(out_dir, f"predictions_{method}_{shots}shot.jsonl")
+
+
+def evaluate_vqa(
+    vlm: VqaVlm,
+    eval_split: VqaSplit,
+    support: VqaSplit,
+    query_ids: Sequence[int],
+    selections: Mapping[str, Mapping[int, Sequence[int]]],
+    shots: Sequence[int],
+    out_dir: str,
+    progress: bool = True,
+) -> list[dict]:
+    """Generate answers for every (method, shots) and score them; returns one row per setting.
+
+    Rows: ``{"method", "shots", "accuracy" (percent), "num_queries"}``, zero-shot first.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    settings = [(ZERO_SHOT, 0)] + [(m, n) for m in selections for n in shots]
+    rows = []
+    for method, n in settings:
+        path = predictions_path(out_dir, method, n)
+        done = {int(r["question_id"]): r for r in read_jsonl(path, repair=True)}
+        todo = [q for q in query_ids if q not in done]
+        if todo:
+            logger.info("evaluate: %s %d-shot, %d queries", method, n, len(todo))
+        bar = None
+        if progress and todo:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(todo), desc=f"VQA {method} {n}-shot", leave=False, dynamic_ncols=True)
+        for start in range(0, len(todo), vlm.settings.batch_size):
+            ids = todo[start:start + vlm.settings.batch_size]
+            prompts = []
+            for qid in ids:
+                demo_ids = [] if n == 0 else list(selections[method][qid])[:n]
+                if len(demo_ids) < n:
+                    raise ValueError(f"{method}: question_id {qid} has {len(demo_ids)} selected demonstrations, {n} needed")
+                prompts.append(IclPrompt(eval_split[qid], tuple(support[d] for d in demo_ids)))
+            answers = vlm.generate(prompts)
+            records = []
+            for qid, prompt, answer in zip(ids, prompts, answers):
+                query = eval_split[qid]
+                records.append({
+                    "question_id": qid, "prediction": answer, "accuracy": vqa_accuracy(answer, list(query.answers)),
+                    "demos": [d.question_id for d in prompt.demos],
+                })
+            append_jsonl(path, records)
+            done.update({r["question_id"]: r for r in records})
+            if bar is not None:
+                bar.update(len(ids))
+        if bar is not None:
+            bar.close()
+        scores = [done[q]["accuracy"] for q in query_ids]
+        rows.append({"method": method, "shots": n, "accuracy": 100.0 * sum(scores) / len(scores), "num_queries": len(scores)})
+    return rows
+
+
+def accuracy_table(rows: Sequence[Mapping]) -> tuple[str, str]:
+    """``(markdown, csv)`` tables: one row per method, one column per shot count (zero-shot on its own row)."""
+    shots = sorted({r["shots"] for r in rows if r["method"] != ZERO_SHOT})
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows)]
+    by_key = {(r["method"], r["shots"]): r["accuracy"] for r in rows}
+    header = ["method", *[f"{n}-shot" for n in shots]]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for method in methods:
+        if method == ZERO_SHOT:
+            cells = [f"{by_key[(ZERO_SHOT, 0)]:.2f}"] * len(shots)
+        else:
+            cells = [f"{by_key[(method, n)]:.2f}" if (method, n) in by_key else "" for n in shots]
+        lines.append("| " + " | ".join([METHOD_LABELS.get(method, method), *cells]) + " |")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["method", "shots", "accuracy", "num_queries"])
+    for row in rows:
+        writer.writerow([row["method"], row["shots"], f"{row['accuracy']:.4f}", row["num_queries"]])
+    return "\n".join(lines) + "\n", buffer.getvalue()
+
+
+def plot_accuracy(rows: Sequence[Mapping], path: str, title: str = "VQA accuracy vs shots") -> str:
+    """PNG of accuracy against shot count per method; zero-shot as a dashed horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    zero = [r["accuracy"] for r in rows if r["method"] == ZERO_SHOT]
+    if zero:
+        axes.axhline(zero[0], color="grey", linestyle="--", label=f"zero-shot ({zero[0]:.1f})")
+    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != ZERO_SHOT):
+        points = sorted((r["shots"], r["accuracy"]) for r in rows if r["method"] == method)
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=METHOD_LABELS.get(method, method))
+    axes.set_xlabel("shots")
+    axes.set_ylabel("VQA accuracy (%)")
+    axes.set_xticks(sorted({r["shots"] for r in rows if r["method"] != ZERO_SHOT}))
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    figure.savefig(tmp)
+    plt.close(figure)
+    os.replace(tmp, path)
+    return path
+
+
+def write_report(rows: Sequence[Mapping], out_dir: str) -> dict[str, str]:
+    """Write ``vqa_accuracy.md`` / ``.csv`` / ``.png`` and ``summary.json``; returns their paths."""
+    markdown, csv_text = accuracy_table(rows)
+    paths = {
+        "markdown": os.path.join(out_dir, "vqa_accuracy.md"),
+        "csv": os.path.join(out_dir, "vqa_accuracy.csv"),
+        "png": os.path.join(out_dir, "vqa_accuracy.png"),
+        "summary": os.path.join(out_dir, "summary.json"),
+    }
+    atomic_write_text(paths["markdown"], markdown)
+    atomic_write_text(paths["csv"], csv_text)
+    plot_accuracy(rows, paths["png"])
+    atomic_write_json(paths["summary"], {"rows": list(rows)}, indent=2)
+    return paths

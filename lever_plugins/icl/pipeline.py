@@ -1,0 +1,346 @@
+"""The stages of ``task: lever_icl_selection`` on one recipe, each resumable and skipped when done.
+
+==============  ===========================================  =======================================
+stage           writes (defaults under run.output_dir)       skipped / resumed when
+==============  ===========================================  =======================================
+embed           ``embed/`` (features_dir): 3 tables          manifest matches; finished parts kept
+beam_search     ``beam_search/`` (beam_dir): pools.json,     beams.json exists; finished queries in
+                beams.part<rank>.jsonl, beams.json           the part files are skipped
+train           checkpoint_{last,best}.pth, metrics.*        (the LAVIS runner; ``--resume``)
+select          ``select/``: selections.json, pools          manifest (weights, settings) matches
+evaluate        ``evaluate/``: predictions_*.jsonl,          finished predictions kept; all stale
+                vqa_accuracy.{md,csv,png}, summary.json      ones moved aside when selections change
+==============  ===========================================  =======================================
+
+A stage that finds outputs made with *other* settings refuses to mix them (the message names the
+folder and the differing keys), except select / evaluate, whose outputs are cheap and are redone.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import shutil
+import time
+from functools import cached_property
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+
+from lever_plugins.icl import beam_search as beams
+from lever_plugins.icl import embed as features
+from lever_plugins.icl import evaluate as icl_eval
+from lever_plugins.icl.data import (
+    BeamEntry, IclDataError, VqaSplit, atomic_write_json, load_beam_files, load_vqa_split, read_json,
+    split_by_question_id,
+)
+from lever_plugins.schema import expand_path
+from lever_plugins.schemas.icl import IclSelectionRunSettings, VqaIclDatasetSettings
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+SELECTIONS_FILE = "selections.json"
+
+
+def _file_identity(path: str) -> dict:
+    stat = os.stat(path)
+    return {"path": os.path.abspath(path), "size": stat.st_size, "mtime": int(stat.st_mtime)}
+
+
+class IclPipeline:
+    """Paths, data and stages of one ICD-selection run.
+
+    Args:
+        run: the validated ``run:`` block.
+        data: the validated ``datasets.lever_vqa_icl`` block.
+        output_dir: ``run.output_dir`` (absolute).
+        rank, world_size: this process in a torch.distributed job (beam search is sharded).
+        barrier: called where all ranks must meet (a no-op outside torch.distributed).
+    """
+
+    def __init__(
+        self,
+        run: IclSelectionRunSettings,
+        data: VqaIclDatasetSettings,
+        output_dir: str,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        barrier: Callable[[], None] = lambda: None,
+        device: Optional[torch.device] = None,
+    ):
+        self.run = run
+        self.data = data
+        self.output_dir = os.path.abspath(output_dir)
+        self.rank, self.world_size, self.barrier = rank, world_size, barrier
+        self.device = device
+        self.features_dir = os.path.abspath(expand_path(data.features_dir)) if data.features_dir else os.path.join(self.output_dir, "embed")
+        self.beam_dir = os.path.abspath(expand_path(data.beam_dir)) if data.beam_dir else os.path.join(self.output_dir, "beam_search")
+        self.select_dir = os.path.join(self.output_dir, "select")
+        self.eval_dir = os.path.join(self.output_dir, "evaluate")
+        self._vlm = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def progress(self) -> bool:
+        return self.is_main and self.run.progress_bar
+
+    # -------------------------------------------------------------------------------------- data
+    def prepare_data(self) -> None:
+        """Generate the demo (main process; the others wait) when the dataset asks for it."""
+        if self.data.generate_demo:
+            if self.is_main:
+                from lever_plugins.datasets.demo_vqa import generate_demo_vqa
+
+                generate_demo_vqa(expand_path(str(self.data.root)), lm_steps=self.data.demo_lm_steps)
+            self.barrier()
+
+    @cached_property
+    def files(self) -> dict[str, str]:
+        return dataset_files(self.data)
+
+    @cached_property
+    def train(self) -> VqaSplit:
+        return load_train_split(self.data)
+
+    @cached_property
+    def eval_split(self) -> VqaSplit:
+        images = expand_path(self.data.eval_images) if self.data.eval_images else None
+        return load_vqa_split("eval", self.files["eval_questions"], self.files["eval_annotations"],
+                              images, self.data.eval_image_template)
+
+    def vlm_path(self) -> str:
+        if self.run.vlm.path:
+            return expand_path(self.run.vlm.path)
+        if self.data.generate_demo:
+            from lever_plugins.datasets.demo_vqa import demo_root_lm
+
+            return demo_root_lm(expand_path(str(self.data.root)))
+        raise IclDataError("run.vlm.path: required (a local model folder); null is allowed only with datasets.lever_vqa_icl.generate_demo: true")
+
+    def vlm(self):
+        if self._vlm is None:
+            from lever_plugins.icl.vlm import load_vlm
+
+            self._vlm = load_vlm(self.run.vlm, self.vlm_path(), device=self.device)
+        return self._vlm
+
+    def tables(self) -> dict[str, dict]:
+        return features.load_tables(self.features_dir)
+
+    # -------------------------------------------------------------------------------------- embed
+    def embed(self) -> None:
+        """Stage ``embed`` (main process; the others wait)."""
+        if self.is_main:
+            features.embed_stage(self.run.embed, self.train, self.eval_split, self.features_dir, progress=self.progress)
+        self.barrier()
+
+    # -------------------------------------------------------------------------------------- pools
+    def pools(self, query_ids: Sequence[int], table: str) -> dict[int, list[int]]:
+        """Candidate pools for ``query_ids`` (beam-search queries: ``train_query``; evaluation: ``eval_query``)."""
+        settings = self.run.beam_search
+        support = self.train.question_ids
+        if settings.pool == "random":
+            return beams.random_pools(query_ids, support, settings.pool_size, settings.seed)
+        tables = self.tables()
+        query_emb = features.rows_for(tables[table], query_ids, self.features_dir)
+        support_emb = features.rows_for(tables["train_query"], support, self.features_dir)
+        return beams.similarity_pools(query_ids, query_emb, support, support_emb, settings.pool_size)
+
+    # -------------------------------------------------------------------------------------- beam search
+    def beam_query_ids(self) -> list[int]:
+        settings = self.run.beam_search
+        return icl_eval.sample_queries(self.train.question_ids, settings.num_queries, settings.seed)
+
+    def beam_fingerprint(self) -> dict:
+        vlm = self.run.vlm
+        fingerprint: dict[str, Any] = {
+            "beam_search": self.run.beam_search.to_dict(),
+            "vlm": {"kind": vlm.kind, "path": os.path.abspath(self.vlm_path()), "instruction": vlm.instruction,
+                    "icd_template": vlm.icd_template, "query_template": vlm.query_template, "separator": vlm.separator,
+                    "score_eos": vlm.score_eos, "use_images": vlm.use_images, "max_pixels": vlm.max_pixels},
+            "train_questions": len(self.train),
+            "train_first_last": [self.train.examples[0].question_id, self.train.examples[-1].question_id],
+        }
+        if self.run.beam_search.pool == "similarity":
+            fingerprint["features"] = features.embed_fingerprint(self.run.embed, self.train, self.eval_split)
+        return fingerprint
+
+    def beam_search(self, max_queries: Optional[int] = None) -> Optional[str]:
+        """Stage ``beam_search``; returns the path of ``beams.json`` once every query is done."""
+        beams_path = os.path.join(self.beam_dir, beams.BEAMS_FILE)
+        pools_path = os.path.join(self.beam_dir, beams.POOLS_FILE)
+        fingerprint = self.beam_fingerprint()
+        hint = "delete that folder or point datasets.lever_vqa_icl.beam_dir at a new one"
+        query_ids = self.beam_query_ids()
+        if self.is_main:
+            os.makedirs(self.beam_dir, exist_ok=True)
+            manifest = features.check_manifest(self.beam_dir, fingerprint, "beam-search results", hint)
+            if manifest is None:
+                atomic_write_json(os.path.join(self.beam_dir, MANIFEST), {"fingerprint": fingerprint}, indent=2)
+            if not os.path.isfile(pools_path):
+                pools = self.pools(query_ids, "train_query")
+                atomic_write_json(pools_path, {str(q): pools[q] for q in query_ids})
+        self.barrier()
+        if os.path.isfile(beams_path):
+            logger.info("beam search: reusing %s", beams_path)
+            return beams_path
+        pools = {int(q): [int(c) for c in p] for q, p in read_json(pools_path, "candidate-pool").items()}
+        missing = [q for q in query_ids if q not in pools]
+        if missing:
+            raise IclDataError(f"{pools_path}: no pool for question_ids {missing[:5]}; {hint}")
+        vlm = self.vlm()
+        beams.run_beam_search(
+            vlm, self.train, query_ids, pools, self.beam_dir, beam_size=self.run.beam_search.beam_size,
+            shots=self.run.beam_search.shots, score=self.run.beam_search.score, rank=self.rank,
+            world_size=self.world_size, progress=self.progress, max_queries=max_queries,
+        )
+        if max_queries is not None:
+            return beams.merge_beam_parts(self.beam_dir, query_ids) if self.is_main else None
+        # Ranks finish at different times: wait on the files rather than in a collective (no timeout).
+        while len(beams.finished_records(self.beam_dir).keys() & set(query_ids)) < len(query_ids):
+            time.sleep(5)
+        path = beams.merge_beam_parts(self.beam_dir, query_ids) if self.is_main else None
+        self.barrier()
+        return path or beams_path
+
+    def beam_entries(self) -> list[BeamEntry]:
+        return read_beam_entries(self.beam_dir, self.train)
+
+    def build_datasets(self) -> dict:
+        """``{"train": ..., "val": ...}`` :class:`~lever_plugins.datasets.vqa_icl.PointerBeamDataset` s."""
+        return build_pointer_datasets(self.data, self.train, self.features_dir, self.beam_dir)
+
+    # -------------------------------------------------------------------------------------- select
+    def eval_query_ids(self) -> list[int]:
+        settings = self.run.evaluation
+        return icl_eval.sample_queries(self.eval_split.question_ids, settings.num_queries, settings.seed)
+
+    def select(self, selector: Optional[torch.nn.Module] = None, weights: Optional[dict] = None) -> dict:
+        """Stage ``select``: demonstrations per evaluation query for every method; cached by manifest."""
+        settings = self.run.evaluation
+        max_shots = max(settings.shots)
+        fingerprint = {
+            "evaluation": {k: settings.to_dict()[k] for k in ("num_queries", "shots", "methods", "seed")},
+            "pools": {k: self.run.beam_search.to_dict()[k] for k in ("pool", "pool_size", "seed")},
+            "features": features.embed_fingerprint(self.run.embed, self.train, self.eval_split),
+            "weights": weights if "pointer" in settings.methods else None,
+        }
+        path = os.path.join(self.select_dir, SELECTIONS_FILE)
+        manifest_path = os.path.join(self.select_dir, MANIFEST)
+        if os.path.isfile(path) and os.path.isfile(manifest_path) and read_json(manifest_path, "select manifest").get("fingerprint") == fingerprint:
+            logger.info("select: reusing %s", path)
+            return _int_keys(read_json(path, "selections"))
+        query_ids = self.eval_query_ids()
+        support = self.train.question_ids
+        tables = self.tables()
+        query_emb = features.rows_for(tables["eval_query"], query_ids, self.features_dir)
+        selections: dict[str, dict[int, list[int]]] = {}
+        for method in settings.methods:
+            if method == "random":
+                selections[method] = icl_eval.select_random(query_ids, support, max_shots, settings.seed)
+            elif method == "similarity":
+                support_emb = features.rows_for(tables["train_query"], support, self.features_dir)
+                selections[method] = icl_eval.select_similarity(query_ids, query_emb, support, support_emb, max_shots)
+            else:
+                if selector is None:
+                    raise ValueError("select: method 'pointer' needs a trained selector")
+                shot_num = selector.config.shot_num
+                if max_shots > shot_num:
+                    raise ValueError(
+                        f"run.evaluation.shots asks for {max_shots} demonstrations but the selector picks "
+                        f"model.shot_num = {shot_num}; raise model.shot_num or lower the shot counts"
+                    )
+                pools = self.pools(query_ids, "eval_query")
+                cand_ids = tables["train_candidate"]["question_ids"].tolist()
+                selections[method] = icl_eval.select_pointer(
+                    selector, query_ids, query_emb, pools, {q: i for i, q in enumerate(cand_ids)},
+                    tables["train_candidate"]["embeddings"],
+                )
+                atomic_write_json(os.path.join(self.select_dir, "eval_pools.json"), {str(q): pools[q] for q in query_ids})
+        atomic_write_json(path, {m: {str(q): v for q, v in sel.items()} for m, sel in selections.items()})
+        atomic_write_json(manifest_path, {"fingerprint": fingerprint, "query_ids": query_ids}, indent=2)
+        logger.info("select: %d evaluation queries, methods %s -> %s", len(query_ids), ", ".join(selections), path)
+        return selections
+
+    # -------------------------------------------------------------------------------------- evaluate
+    def evaluate(self) -> dict[str, str]:
+        """Stage ``evaluate``: VQA accuracy per (method, shots) + zero-shot; returns the report paths."""
+        path = os.path.join(self.select_dir, SELECTIONS_FILE)
+        if not os.path.isfile(path):
+            raise IclDataError(f"{path}: not found; run the select stage first (run.stages)")
+        selections = _int_keys(read_json(path, "selections"))
+        select_manifest = read_json(os.path.join(self.select_dir, MANIFEST), "select manifest")
+        query_ids = [int(q) for q in select_manifest["query_ids"]]
+        vlm_settings = self.run.vlm.to_dict()
+        for key in ("device", "batch_size", "dtype"):
+            vlm_settings.pop(key)
+        fingerprint = {"select": select_manifest["fingerprint"], "vlm": vlm_settings, "vlm_path": os.path.abspath(self.vlm_path())}
+        manifest_path = os.path.join(self.eval_dir, MANIFEST)
+        if os.path.isfile(manifest_path) and read_json(manifest_path, "evaluate manifest").get("fingerprint") != fingerprint:
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            aside = f"{self.eval_dir}.old-{stamp}"
+            shutil.move(self.eval_dir, aside)
+            logger.warning("evaluate: selections or VLM changed; the previous predictions were moved to %s", aside)
+        os.makedirs(self.eval_dir, exist_ok=True)
+        atomic_write_json(manifest_path, {"fingerprint": fingerprint}, indent=2)
+        rows = icl_eval.evaluate_vqa(
+            self.vlm(), self.eval_split, self.train, query_ids,
+            {m: selections[m] for m in self.run.evaluation.methods if m in selections},
+            self.run.evaluation.shots, self.eval_dir, progress=self.progress,
+        )
+        paths = icl_eval.write_report(rows, self.eval_dir)
+        with open(paths["markdown"], encoding="utf-8") as handle:
+            logger.info("VQA accuracy (%d queries):\n%s", len(query_ids), handle.read())
+        return paths
+
+
+def dataset_files(data: VqaIclDatasetSettings) -> dict[str, str]:
+    """The four question / annotation files of the dataset block (the demo's when generated)."""
+    if data.generate_demo:
+        from lever_plugins.datasets.demo_vqa import demo_paths
+
+        return demo_paths(expand_path(str(data.root)))
+    return {key: expand_path(str(getattr(data, key)))
+            for key in ("train_questions", "train_annotations", "eval_questions", "eval_annotations")}
+
+
+def load_train_split(data: VqaIclDatasetSettings) -> VqaSplit:
+    files = dataset_files(data)
+    images = expand_path(data.train_images) if data.train_images else None
+    return load_vqa_split("train", files["train_questions"], files["train_annotations"], images, data.train_image_template)
+
+
+def read_beam_entries(beam_dir: str, train: VqaSplit) -> list[BeamEntry]:
+    """Checked entries of ``beam_dir``'s ``beams.json`` + ``pools.json``."""
+    beams_path = os.path.join(beam_dir, beams.BEAMS_FILE)
+    if not os.path.isfile(beams_path):
+        raise IclDataError(f"{beams_path}: not found; run the beam_search stage first (run.stages)")
+    return load_beam_files(beams_path, os.path.join(beam_dir, beams.POOLS_FILE), candidates=train)
+
+
+def build_pointer_datasets(data: VqaIclDatasetSettings, train: VqaSplit, features_dir: str, beam_dir: str) -> dict:
+    """Train / val :class:`~lever_plugins.datasets.vqa_icl.PointerBeamDataset` s split by question_id."""
+    from lever_plugins.datasets.vqa_icl import PointerBeamDataset
+
+    entries = read_beam_entries(beam_dir, train)
+    beams_path = os.path.join(beam_dir, beams.BEAMS_FILE)
+    lengths = {len(e.icds) for e in entries}
+    if len(lengths) > 1:
+        raise IclDataError(f"{beams_path}: entries have different numbers of icds {sorted(lengths)}; the selector needs one")
+    tables = features.load_tables(features_dir)
+    train_ids, val_ids = split_by_question_id([e.question_id for e in entries], data.val_fraction, data.split_seed)
+    by_id = {e.question_id: e for e in entries}
+    out = {}
+    for split, ids in (("train", train_ids), ("val", val_ids)):
+        out[split] = PointerBeamDataset([by_id[q] for q in ids], tables["train_query"], tables["train_candidate"], beams_path)
+        logger.info("lever_vqa_icl %s: %d beam-search queries", split, len(ids))
+    return out
+
+
+def _int_keys(selections: Mapping[str, Mapping[str, Sequence[int]]]) -> dict[str, dict[int, list[int]]]:
+    return {m: {int(q): [int(d) for d in v] for q, v in sel.items()} for m, sel in selections.items()}

@@ -1,0 +1,172 @@
+"""``lever_pointer_selector``: the pure-torch pointer selectors V1/V2/V3 as a LAVIS model.
+
+The recipe's ``model:`` block (:class:`~lever_plugins.schemas.icl.PointerSelectorSettings`) is
+validated, turned into the matching ``PointerSelectorV{1,2,3}Config`` and built with
+``build_model_v{1,2,3}``. ``forward(samples)`` takes a batch of
+:class:`~lever_plugins.datasets.vqa_icl.PointerBeamDataset` and returns ``loss`` plus the scalar
+parts the training loop logs: ``ce_loss``, ``ranking_loss`` (V3) and ``logits_std`` (the spread of
+the available candidates' logits; healthy 0.8-1.5 per the seeds).
+
+RADI losses (V3 ``radi_*``) distil from a trained selector: ``teacher_checkpoint`` is a checkpoint
+of an earlier ``lever_pointer_selector`` run; its own recipe (saved in the checkpoint) rebuilds the
+teacher, which stays frozen and is not part of this model's state dict.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping, Optional
+
+import torch
+
+from lever_plugins import catalog
+from lever_plugins.compat import import_lavis
+from lever_plugins.modules.pointer import (
+    PointerSelectorV1Config, PointerSelectorV2Config, PointerSelectorV3Config, build_model_v1, build_model_v2,
+    build_model_v3, mc_dropout_logits, pointer_parameter_count,
+)
+from lever_plugins.schema import RecipeError, expand_path
+from lever_plugins.schemas.icl import PointerSelectorSettings
+
+import_lavis()
+
+from lavis.models.base_model import BaseModel  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+_V1_KEYS = ("d_model", "hidden_dim", "K", "shot_num", "temperature", "dropout", "label_smoothing", "query_update")
+_V2_KEYS = ("num_heads", "attn_dropout")
+_V3_KEYS = (
+    "ranking_loss_type", "ranking_loss_weight", "ranking_margin", "radi_sinkhorn_epsilon", "radi_sinkhorn_iters",
+    "radi_hot_k", "radi_cold_k", "radi_cold_sampling", "radi_sampling_alpha", "radi_list_loss", "radi_mc_samples",
+)
+
+
+def selector_config(settings: PointerSelectorSettings):
+    """The ``PointerSelectorV{1,2,3}Config`` of a validated ``model:`` block."""
+    values = {key: getattr(settings, key) for key in _V1_KEYS}
+    if settings.model_type == "v2":
+        return PointerSelectorV2Config(**values, **{key: getattr(settings, key) for key in _V2_KEYS})
+    if settings.model_type == "v3":
+        return PointerSelectorV3Config(**values, **{key: getattr(settings, key) for key in _V3_KEYS})
+    return PointerSelectorV1Config(**values)
+
+
+def _plain(cfg: Any) -> dict:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(cfg)
+
+
+def settings_from_block(block: Mapping) -> PointerSelectorSettings:
+    """Validate a ``model:`` block (preset merged under it); a :class:`RecipeError` lists every problem."""
+    from lever_plugins.recipes import resolve_model_block
+
+    problems: list[str] = []
+    settings = resolve_model_block(_plain(block), problems)
+    if problems:
+        raise RecipeError(problems)
+    return settings
+
+
+def load_checkpoint_weights(path: str) -> dict:
+    """The model state dict of a runner checkpoint (or a bare state dict), loaded weights-only."""
+    checkpoint = torch.load(expand_path(path), map_location="cpu", weights_only=True)
+    return checkpoint["model"] if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict) else checkpoint
+
+
+class PointerSelectorModel(BaseModel):
+    """Registered as ``lever_pointer_selector``; ``self.selector`` is the pure-torch selector."""
+
+    PRETRAINED_MODEL_CONFIG_DICT = {
+        name: os.path.join(catalog.CONFIG_ROOT, "models", f"lever_pointer_selector_{name}.yaml")
+        for name in ("v1", "v2", "v3")
+    }
+
+    def __init__(self, settings: PointerSelectorSettings):
+        super().__init__()
+        self.settings = settings
+        config = selector_config(settings)
+        builder = {"v1": build_model_v1, "v2": build_model_v2, "v3": build_model_v3}[settings.model_type]
+        self.selector = builder(config)
+        self._teacher: Optional[torch.nn.Module] = None  # not a submodule: frozen, outside the state dict
+        if settings.model_type == "v3" and settings.ranking_loss_type.startswith("radi_"):
+            self._teacher = self._load_teacher(str(settings.teacher_checkpoint))
+        if settings.finetuned:
+            state = load_checkpoint_weights(settings.finetuned)
+            self.load_state_dict(state)
+            logger.info("lever_pointer_selector: weights from %s", settings.finetuned)
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "PointerSelectorModel":
+        return cls(settings_from_block(cfg))
+
+    def _load_teacher(self, path: str) -> torch.nn.Module:
+        checkpoint = torch.load(expand_path(path), map_location="cpu", weights_only=True)
+        if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
+            raise RecipeError([f"model.teacher_checkpoint: {path} is not a lever_pointer_selector run checkpoint (no config/model)"])
+        block = dict(checkpoint["config"]["model"])
+        block.pop("finetuned", None)
+        teacher_settings = settings_from_block(block)
+        if teacher_settings.model_type == "v3" and teacher_settings.ranking_loss_type.startswith("radi_"):
+            raise RecipeError([f"model.teacher_checkpoint: {path} is itself a RADI student; use a V1/V2/V3 teacher"])
+        for key in ("d_model", "K"):
+            if getattr(teacher_settings, key) != getattr(self.settings, key):
+                raise RecipeError([f"model.teacher_checkpoint: the teacher has {key} = {getattr(teacher_settings, key)}, "
+                                   f"this model {getattr(self.settings, key)}"])
+        teacher = PointerSelectorModel(teacher_settings)
+        teacher.load_state_dict(checkpoint["model"])
+        for param in teacher.parameters():
+            param.requires_grad = False
+        logger.info("lever_pointer_selector: RADI teacher %s from %s", teacher_settings.model_type, path)
+        return teacher.selector
+
+    def parameter_count(self) -> int:
+        return pointer_parameter_count(self.selector.config)
+
+    def teacher_logits(self, samples: Mapping[str, torch.Tensor]) -> Optional[torch.Tensor]:
+        """``(T, B, S, K)`` MC-dropout logits of the RADI teacher, or None without one."""
+        if self._teacher is None:
+            return None
+        teacher = self._teacher.to(samples["query_emb"].device)
+        return mc_dropout_logits(teacher, samples["query_emb"], samples["cand_emb"], samples["labels"],
+                                 num_samples=self.settings.radi_mc_samples)
+
+    def selector_outputs(self, samples: Mapping[str, torch.Tensor]) -> dict:
+        """The selector's teacher-forced outputs on a batch (``logits (B, S, K)``, losses, ``logits_std``)."""
+        for key in ("query_emb", "cand_emb", "labels"):
+            if key not in samples:
+                raise KeyError(f"lever_pointer_selector.forward: batch has no {key!r} (got {sorted(samples)})")
+        return self.selector(
+            samples["query_emb"], samples["cand_emb"], samples["labels"], beam_scores=samples.get("beam_scores"),
+            return_loss=True, teacher_logits=self.teacher_logits(samples),
+        )
+
+    def forward(self, samples: Mapping[str, torch.Tensor]) -> dict:
+        """Training losses on a batch of beam-search samples.
+
+        Args:
+            samples: ``query_emb (B, d)``, ``cand_emb (B, K, d)``, ``labels (B, S)``, ``beam_scores (B, S)``.
+
+        Returns:
+            ``loss`` (back-propagated), ``ce_loss``, ``ranking_loss`` (V3) and ``logits_std`` (detached).
+        """
+        out = self.selector_outputs(samples)
+        result = {"loss": out["loss"], "ce_loss": out["ce_loss"].detach(), "logits_std": out["logits_std"].detach()}
+        if "ranking_loss" in out:
+            result["ranking_loss"] = out["ranking_loss"].detach()
+        return result
+
+    @torch.no_grad()
+    def predict(self, query_emb: torch.Tensor, cand_emb: torch.Tensor, top_k: int = 1):
+        """``self.selector.predict``: ``(B, shot_num)`` pool indices and their probabilities."""
+        return self.selector.predict(query_emb, cand_emb, top_k=top_k)
+
+    @property
+    def config(self):
+        return self.selector.config

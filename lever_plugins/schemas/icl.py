@@ -1,0 +1,306 @@
+"""Settings of the ICD-selection plugin: pointer-selector model, VQA dataset, and the staged run.
+
+A recipe with ``run.task: lever_icl_selection`` runs the stages listed in ``run.stages`` in order:
+``embed`` -> ``beam_search`` -> ``train`` -> ``select`` -> ``evaluate``. Each stage writes under its
+own folder and skips work already done (see :mod:`lever_plugins.tasks.icl_selection`).
+
+Pure Python (no torch): ``lever-plugins validate`` stays fast.
+"""
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass, fields
+from typing import Iterator, Literal, Optional
+
+from lever_plugins.schema import Settings, setting
+from lever_plugins.schemas.blip2 import QformerSettings, VisionSettings
+from lever_plugins.schemas.run import RunSettings
+
+STAGES = ("embed", "beam_search", "train", "select", "evaluate")
+Stage = Literal["embed", "beam_search", "train", "select", "evaluate"]
+SELECTION_METHODS = ("random", "similarity", "pointer")
+
+_V2_KEYS = ("num_heads", "attn_dropout")
+_V3_KEYS = (
+    "ranking_loss_type", "ranking_loss_weight", "ranking_margin", "radi_sinkhorn_epsilon", "radi_sinkhorn_iters",
+    "radi_hot_k", "radi_cold_k", "radi_cold_sampling", "radi_sampling_alpha", "radi_list_loss", "radi_mc_samples",
+    "teacher_checkpoint",
+)
+
+
+@dataclass(kw_only=True)
+class PointerSelectorSettings(Settings):
+    """``model:`` block of ``arch: lever_pointer_selector``; ``model_type`` (v1 | v2 | v3) is the version.
+
+    The keys mirror :class:`lever_plugins.modules.pointer.PointerSelectorV3Config`. V2-only keys
+    (``num_heads``, ``attn_dropout``) and V3-only keys (``ranking_*``, ``radi_*``,
+    ``teacher_checkpoint``) must keep their defaults under another version: they would be ignored.
+    """
+
+    arch: Literal["lever_pointer_selector"] = setting(help="registered model name")
+    model_type: Literal["v1", "v2", "v3"] = setting(
+        help="selector version: v1 bi-encoder | v2 + cross-attention | v3 + ranking loss (presets under configs/models)"
+    )
+    d_model: int = setting(768, help="width of the query / candidate embeddings (must match the embed stage)", ge=1)
+    hidden_dim: int = setting(128, help="width after the shared input projection", ge=1)
+    K: int = setting(32, help="candidate pool size per query (must equal run.beam_search.pool_size)", ge=1)
+    shot_num: int = setting(6, help="demonstrations the selector picks per query at inference (decoding steps)", ge=1)
+    temperature: float = setting(0.1, help="logits = cosine / temperature", gt=0)
+    dropout: float = setting(0.3, help="dropout after query_proj / cand_proj", ge=0, lt=1)
+    label_smoothing: float = setting(0.2, help="cross-entropy label smoothing (seeds: V1/V3 0.2, V2 0.1)", ge=0, lt=1)
+    query_update: Literal["none", "additive"] = setting(
+        "none", help="query state across steps: fixed, or query + sum of the chosen candidates"
+    )
+    num_heads: int = setting(4, help="v2: cross-attention heads (must divide hidden_dim)", ge=1)
+    attn_dropout: float = setting(0.1, help="v2: dropout on the attention weights", ge=0, lt=1)
+    ranking_loss_type: Literal["listwise", "pairwise", "radi_pairwise", "radi_listwise"] = setting(
+        "listwise", help="v3: listwise (KL to beam-score target) | pairwise (hardest negative) | RADI distillation"
+    )
+    ranking_loss_weight: float = setting(0.1, help="v3: lambda in loss = CE + lambda * ranking loss", ge=0)
+    ranking_margin: float = setting(1.0, help="v3: hinge margin in logit units (pairwise, radi_pairwise)", gt=0)
+    radi_sinkhorn_epsilon: float = setting(1.0, help="v3 radi_pairwise: entropic regularisation (relative)", gt=0)
+    radi_sinkhorn_iters: int = setting(50, help="v3 radi_pairwise: Sinkhorn iterations", ge=1)
+    radi_hot_k: int = setting(4, help="v3 radi_listwise: hot list = teacher top-k", ge=1)
+    radi_cold_k: int = setting(8, help="v3 radi_listwise: candidates sampled into the cold list", ge=0)
+    radi_cold_sampling: Literal["exponential", "zipf"] = setting("exponential", help="v3 radi_listwise: cold-list sampling")
+    radi_sampling_alpha: float = setting(0.5, help="v3 radi_listwise: alpha of the cold-list sampling", gt=0)
+    radi_list_loss: Literal["listnet", "listmle"] = setting("listnet", help="v3 radi_listwise: list loss")
+    radi_mc_samples: int = setting(8, help="v3 RADI: MC-dropout passes of the teacher", ge=1)
+    teacher_checkpoint: Optional[str] = setting(
+        None, help="v3 RADI: checkpoint of a trained lever_pointer_selector run (its recipe is read from it)", path="file"
+    )
+    finetuned: Optional[str] = setting(None, help="checkpoint of this model to start from (weights only)", path="file")
+
+    def extra_problems(self) -> Iterator[str]:
+        defaults = {f.name: f.default for f in fields(PointerSelectorSettings)}
+        if self.model_type != "v2":
+            for key in _V2_KEYS:
+                if getattr(self, key) != defaults[key]:
+                    yield f"{key}: read only by model_type v2 (this is {self.model_type}); remove it"
+        if self.model_type != "v3":
+            for key in _V3_KEYS:
+                if getattr(self, key) != defaults[key]:
+                    yield f"{key}: read only by model_type v3 (this is {self.model_type}); remove it"
+        if self.shot_num > self.K:
+            yield f"shot_num: cannot select {self.shot_num} distinct candidates from K = {self.K}"
+        if self.model_type == "v2" and self.hidden_dim % self.num_heads:
+            yield f"num_heads: {self.num_heads} does not divide hidden_dim = {self.hidden_dim}"
+        if self.model_type == "v3" and self.radi_hot_k > self.K:
+            yield f"radi_hot_k: {self.radi_hot_k} is larger than the pool K = {self.K}"
+        if self.model_type == "v3" and self.ranking_loss_type.startswith("radi_") and not self.teacher_checkpoint:
+            yield f"teacher_checkpoint: ranking_loss_type {self.ranking_loss_type} distils from a trained selector; give its checkpoint"
+
+
+@dataclass(kw_only=True)
+class VqaIclDatasetSettings(Settings):
+    """``datasets.lever_vqa_icl``: VQAv2 / OK-VQA questions + annotations, features and beam-search files.
+
+    ``train_*`` is the supporting set: beam-search queries and every candidate demonstration come
+    from it. ``eval_*`` holds the evaluation queries (e.g. VQAv2 val2014). The builder trains on
+    ``beam_dir``'s beams with ``features_dir``'s features, split into train / val by question_id.
+    """
+
+    data_type: Literal["images"] = setting("images", help="LAVIS data type (always images)")
+    generate_demo: bool = setting(False, help="generate the embedded demo (data + tiny language model) into `root`")
+    root: Optional[str] = setting(None, help="demo: folder the generated data and model go to", path="dir")
+    train_questions: Optional[str] = setting(None, help="supporting set questions JSON (e.g. v2_OpenEnded_mscoco_train2014_questions.json)", path="file")
+    train_annotations: Optional[str] = setting(None, help="supporting set annotations JSON (e.g. v2_mscoco_train2014_annotations.json)", path="file")
+    eval_questions: Optional[str] = setting(None, help="evaluation questions JSON (e.g. v2_OpenEnded_mscoco_val2014_questions.json)", path="file")
+    eval_annotations: Optional[str] = setting(None, help="evaluation annotations JSON (e.g. v2_mscoco_val2014_annotations.json)", path="file")
+    train_images: Optional[str] = setting(None, help="folder of the supporting-set images (needed by image VLMs / image features)", path="dir")
+    eval_images: Optional[str] = setting(None, help="folder of the evaluation images", path="dir")
+    train_image_template: str = setting("COCO_train2014_{image_id:012d}.jpg", help="image file name in train_images, from image_id")
+    eval_image_template: str = setting("COCO_val2014_{image_id:012d}.jpg", help="image file name in eval_images, from image_id")
+    features_dir: Optional[str] = setting(
+        None, help="feature cache written by the embed stage (null: <run.output_dir>/embed); share it between recipes"
+    )
+    beam_dir: Optional[str] = setting(
+        None, help="beams.json + pools.json written by the beam_search stage (null: <run.output_dir>/beam_search)"
+    )
+    val_fraction: float = setting(0.1, help="fraction of beam-search queries held out (by question_id) to validate the selector", gt=0, lt=1)
+    split_seed: int = setting(0, help="seed of the train/val split by question_id")
+    demo_lm_steps: int = setting(300, help="demo: training steps of the tiny language model the generator trains", ge=1)
+
+    def extra_problems(self) -> Iterator[str]:
+        files = ("train_questions", "train_annotations", "eval_questions", "eval_annotations")
+        if self.generate_demo:
+            if not self.root:
+                yield "root: required with generate_demo: true (where the demo is generated)"
+            for key in files:
+                if getattr(self, key):
+                    yield f"{key}: the demo generates its own files under root; remove it or set generate_demo: false"
+        else:
+            for key in files:
+                if not getattr(self, key):
+                    yield f"{key}: required (a local VQAv2-format JSON file), or set generate_demo: true"
+        for key in ("train_image_template", "eval_image_template"):
+            problem = _template_problem(getattr(self, key), {"image_id"}, {"image_id"})
+            if problem:
+                yield f"{key}: {problem}"
+
+
+def _template_problem(template: str, allowed: set[str], required: set[str]) -> Optional[str]:
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        return f"not a valid format string ({exc})"
+    unknown = names - allowed
+    if unknown:
+        return f"unknown placeholder(s) {sorted(unknown)}; allowed: {sorted(allowed)}"
+    missing = required - names
+    if missing:
+        return f"must contain {', '.join('{' + m + '}' for m in sorted(missing))}"
+    return None
+
+
+@dataclass(kw_only=True)
+class VlmSettings(Settings):
+    """``run.vlm``: the VLM that scores demonstrations (beam search) and answers (evaluation)."""
+
+    kind: Literal["causal_lm", "qwen2_5_vl"] = setting(
+        "qwen2_5_vl", help="causal_lm: any AutoModelForCausalLM, text only | qwen2_5_vl: Qwen2.5-VL chat VLM with images"
+    )
+    path: Optional[str] = setting(
+        None, help="local model folder (config, weights, tokenizer/processor); null only with the generated demo", path="dir"
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting("auto", help="weights dtype (auto: bfloat16 on cuda, float32 on cpu)")
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", help="where the VLM runs")
+    batch_size: int = setting(16, help="sequences per forward pass when scoring or generating", ge=1)
+    max_new_tokens: int = setting(10, help="generation length cap for answers", ge=1)
+    instruction: str = setting("", help="text put before the demonstrations (qwen2_5_vl: the system prompt)")
+    icd_template: str = setting("Question: {question} Short answer: {answer}", help="one demonstration ({question}, {answer})")
+    query_template: str = setting("Question: {question} Short answer:", help="the query ({question}); the answer follows it")
+    separator: str = setting("\n", help="between demonstrations and before the query (causal_lm)")
+    score_eos: bool = setting(True, help="beam search also scores the end-of-answer token (EOS / <|im_end|>), as Lever-LM does")
+    use_images: bool = setting(True, help="qwen2_5_vl: show each example's image (needs datasets.*_images)")
+    max_pixels: Optional[int] = setting(None, help="qwen2_5_vl: image processor max_pixels (null: the processor's default)", ge=784)
+
+    def extra_problems(self) -> Iterator[str]:
+        checks = (
+            ("icd_template", {"question", "answer"}, {"question", "answer"}),
+            ("query_template", {"question"}, {"question"}),
+        )
+        for key, allowed, required in checks:
+            problem = _template_problem(getattr(self, key), allowed, required)
+            if problem:
+                yield f"{key}: {problem}"
+        defaults = {f.name: f.default for f in fields(VlmSettings)}
+        if self.kind == "qwen2_5_vl":
+            # Chat demonstrations are user/assistant turns built from query_template and the answer.
+            for key in ("icd_template", "separator"):
+                if getattr(self, key) != defaults[key]:
+                    yield f"{key}: read only by kind causal_lm (qwen2_5_vl puts each demonstration in its own chat turns)"
+        elif self.max_pixels is not None:
+            yield "max_pixels: read only by kind qwen2_5_vl"
+
+
+@dataclass(kw_only=True)
+class Blip2EncoderSettings(Settings):
+    """``run.embed.blip2``: a BLIP-2 Q-Former feature extractor built from explicit sizes (local weights)."""
+
+    vision: VisionSettings = setting(default_factory=VisionSettings, help="EVA ViT (image / multimodal features)")
+    qformer: QformerSettings = setting(default_factory=QformerSettings, help="Q-Former (vocab_file required)")
+    pretrained: Optional[str] = setting(None, help="local blip2_pretrained.pth (null: random init, demo only)", path="file")
+    max_txt_len: int = setting(32, help="text tokens (truncated)", ge=1)
+
+
+@dataclass(kw_only=True)
+class EmbedSettings(Settings):
+    """``run.embed``: query / candidate features, cached to disk and reused by every later stage."""
+
+    encoder: Literal["blip2", "transformers"] = setting(
+        "blip2", help="blip2: LAVIS Q-Former features | transformers: AutoModel text encoder from `path`"
+    )
+    path: Optional[str] = setting(None, help="transformers: local encoder folder (model + tokenizer)", path="dir")
+    modality: Literal["text", "image", "multimodal"] = setting(
+        "multimodal", help="blip2: text [CLS]-side features, image query features, or image+text (the Q-Former with both)"
+    )
+    pooling: Literal["mean", "cls"] = setting("mean", help="how token / query outputs become one vector")
+    candidate_text: Literal["question", "question_answer"] = setting(
+        "question_answer", help="text of a candidate demonstration: its question, or question + answer"
+    )
+    normalize: bool = setting(True, help="L2-normalise the features")
+    batch_size: int = setting(64, help="examples per encoder forward pass", ge=1)
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", help="where the encoder runs")
+    blip2: Blip2EncoderSettings = setting(default_factory=Blip2EncoderSettings, help="encoder: blip2 settings")
+
+    def extra_problems(self) -> Iterator[str]:
+        if self.encoder == "transformers":
+            if not self.path:
+                yield "path: required with encoder: transformers (a local model folder)"
+            if self.modality != "text":
+                yield f"modality: encoder transformers encodes text only, got {self.modality!r}"
+        else:
+            if self.path:
+                yield "path: read only by encoder: transformers; the blip2 encoder takes blip2.pretrained"
+            if self.modality == "text" and self.blip2.vision != VisionSettings():
+                yield "blip2.vision: text features build no image encoder; remove it or use modality image / multimodal"
+
+
+@dataclass(kw_only=True)
+class BeamSearchSettings(Settings):
+    """``run.beam_search``: candidate pools and VLM-scored beam search (Lever-LM defaults)."""
+
+    num_queries: int = setting(5000, help="beam-search queries drawn from the supporting set (Lever-LM: 5,000)", ge=1)
+    pool: Literal["random", "similarity"] = setting("random", help="candidate pool per query: random, or top-K by feature similarity")
+    pool_size: int = setting(32, help="K candidates per query (Lever-LM: 64; seeds: 32)", ge=2)
+    beam_size: int = setting(5, help="beams kept per step (Lever-LM: 5)", ge=1)
+    shots: int = setting(2, help="demonstrations per sequence (Lever-LM: 2; seeds' files: 6)", ge=1)
+    score: Literal["prob_gain", "logprob_gain"] = setting(
+        "prob_gain",
+        help="prob_gain: InfoScore exp(-NLL) difference (Lever-LM) | logprob_gain: difference of mean answer log-probabilities",
+    )
+    seed: int = setting(0, help="seed of the query sample and the random pools")
+
+    def extra_problems(self) -> Iterator[str]:
+        if self.shots > self.pool_size:
+            yield f"shots: cannot choose {self.shots} distinct demonstrations from pool_size {self.pool_size}"
+
+
+@dataclass(kw_only=True)
+class IclEvaluateSettings(Settings):
+    """``run.evaluation``: ICD selection for evaluation queries and VQA accuracy of the prompted VLM."""
+
+    num_queries: Optional[int] = setting(1000, help="evaluation queries (a seeded sample of the eval split; null: all)", ge=1)
+    shots: list[int] = setting(default_factory=lambda: [1, 2], help="shot counts compared (zero-shot is always reported)")
+    methods: list[Literal["random", "similarity", "pointer"]] = setting(
+        default_factory=lambda: ["random", "similarity", "pointer"],
+        help="selection methods: random, similarity (RICES: nearest supporting examples), pointer (the trained selector)",
+    )
+    checkpoint: str = setting("best", help="selector weights for `select`: best | last | a checkpoint path")
+    seed: int = setting(0, help="seed of the query sample and of random selection")
+
+    def extra_problems(self) -> Iterator[str]:
+        if not self.shots:
+            yield "shots: at least one shot count (zero-shot is added automatically)"
+        for shots in self.shots:
+            if isinstance(shots, int) and shots < 1:
+                yield f"shots: shot counts must be >= 1 (zero-shot is always reported), got {shots}"
+        if len(set(self.methods)) != len(self.methods):
+            yield f"methods: repeated method in {self.methods}"
+
+
+@dataclass(kw_only=True)
+class IclSelectionRunSettings(RunSettings):
+    """``run:`` block for ``task: lever_icl_selection``: the common keys plus the stages."""
+
+    stages: list[Stage] = setting(
+        default_factory=lambda: list(STAGES), help="stages to run, in pipeline order: embed, beam_search, train, select, evaluate"
+    )
+    agg_metric: Literal["top1", "top3", "top5", "mrr", "ndcg@6"] = setting(
+        "mrr", help="validation metric that picks checkpoint_best (MRR of the beam's demonstration at each step)"
+    )
+    vlm: VlmSettings = setting(default_factory=VlmSettings, help="the VLM (beam-search scorer and evaluated model)")
+    embed: EmbedSettings = setting(default_factory=EmbedSettings, help="feature extractor and cache")
+    beam_search: BeamSearchSettings = setting(default_factory=BeamSearchSettings, help="pools and beam search")
+    # Not ``evaluate``: LAVIS's runner reads run.evaluate as "evaluate only".
+    evaluation: IclEvaluateSettings = setting(default_factory=IclEvaluateSettings, help="select + evaluate stages")
+
+    def extra_problems(self) -> Iterator[str]:
+        yield from super().extra_problems()
+        if not self.stages:
+            yield "stages: at least one stage"
+        elif len(set(self.stages)) != len(self.stages):
+            yield f"stages: repeated stage in {self.stages}"
+        elif [s for s in STAGES if s in self.stages] != list(self.stages):
+            yield f"stages: must follow the pipeline order {list(STAGES)}, got {self.stages}"
