@@ -23,6 +23,7 @@ import logging
 import os
 import random
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -121,29 +122,27 @@ class LeverRunner(RunnerBase):
         os.makedirs(result_dir, exist_ok=True)
         registry.mapping["paths"]["result_dir"] = result_dir
         registry.mapping["paths"]["output_dir"] = output_dir
-        from pathlib import Path
-
         self.output_dir = Path(output_dir)
         self.result_dir = Path(result_dir)
 
     @property
     def optimizer(self):
         if self._optimizer is None:
-            decay, no_decay = [], []
-            for name, param in self.model.named_parameters():
-                if not param.requires_grad:
-                    continue
-                if param.ndim < 2 or "bias" in name or "ln" in name or "bn" in name or "norm" in name.lower():
-                    no_decay.append(param)
-                else:
-                    decay.append(param)
-            groups = [
-                {"params": decay, "weight_decay": float(self.run_cfg.weight_decay)},
-                {"params": no_decay, "weight_decay": 0.0},
-            ]
+            weight_decay = float(self.run_cfg.weight_decay)
             unwrapped = self.unwrap_dist_model(self.model)
             if hasattr(unwrapped, "param_groups_for_optimizer"):
-                groups = unwrapped.param_groups_for_optimizer(float(self.run_cfg.weight_decay))
+                groups = unwrapped.param_groups_for_optimizer(weight_decay)
+            else:
+                # LAVIS's rule: no decay on biases, norms and other 1-d parameters
+                decay, no_decay = [], []
+                for name, param in self.model.named_parameters():
+                    if not param.requires_grad:
+                        continue
+                    if param.ndim < 2 or "bias" in name or "ln" in name or "bn" in name or "norm" in name.lower():
+                        no_decay.append(param)
+                    else:
+                        decay.append(param)
+                groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
             self._optimizer = torch.optim.AdamW(
                 groups,
                 lr=float(self.run_cfg.init_lr),
