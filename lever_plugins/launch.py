@@ -182,10 +182,32 @@ def describe_plan(resolved: ResolvedRecipe) -> str:
         from lever_plugins.icl.plan import describe_icl_plan
 
         lines.extend(describe_icl_plan(resolved.data))
+    if model["arch"] == "lever_blip2_seps":
+        lines.extend(_describe_seps(model))
     for name, block in resolved.data["datasets"].items():
         lines.append(f"#   dataset {name}: root {block.get('root')} splits {block.get('splits')}")
     lines.append(f"#   outputs: {resolved.output_dir()}")
     return "\n".join(lines)
+
+
+def _describe_seps(model: dict) -> list[str]:
+    """Plan lines of ``lever_blip2_seps``: where the head sits, its sizes and parameter count."""
+    from lever_plugins.schemas.seps import SepsHeadSettings, seps_head_parameter_count
+
+    head = SepsHeadSettings(**model["seps_head"])
+    loss = model["seps_loss"]
+    vision_width, text_width, size = model["vision"]["width"], model["qformer"]["hidden_size"], head.embed_size
+    projections = (vision_width * size + size) + (text_width * size + size)
+    head_count = seps_head_parameter_count(head)
+    return [
+        f"#   seps_head: CrossSparseAggrNet(embed_size={size}, num_patches={head.num_patches}, has_cls={head.has_cls}, "
+        f"sparse_ratio={head.sparse_ratio}, aggr_ratio={head.aggr_ratio}: keeps {head.num_keep} patches per pair, "
+        f"{head.num_aggregated} aggregated tokens) on ln_vision(ViT) tokens -> Linear({vision_width}, {size}) and "
+        f"Q-Former text-pass word tokens -> Linear({text_width}, {size}); dense captions (one per image) through the "
+        f"same text pass: {head_count + projections:,} parameters (head {head_count:,} + projections {projections:,})",
+        f"#   loss: SEPSLoss(margin={loss['margin']}, target_ratio={loss['target_ratio']}, ratio_weight={loss['ratio_weight']}) "
+        f"+ {model['loss_itc_weight']} x BLIP-2 ITC; backbone lr x {model['backbone_lr_scale']}",
+    ]
 
 
 def save_gate_maps_for_run(

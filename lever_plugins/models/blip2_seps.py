@@ -1,0 +1,329 @@
+"""``lever_blip2_seps``: BLIP-2 image-text retrieval with the SEPS head (CrossSparseAggrNet + SEPSLoss).
+
+Which tokens the head sees (SPEC §6, "on BLIP-2 the head sits on the ViT patch tokens and Q-Former/BERT
+word tokens projected to embed_size"):
+
+* **image side**: the EVA ViT tokens after BLIP-2's ``ln_vision`` — ``[CLS] + (image_size /
+  patch_size)^2`` patches, ``(B, 1 + N, vision.width)`` — through ``image_token_proj`` (Linear to
+  ``seps_head.embed_size``). The CLS token is passed on with ``seps_head.has_cls: true`` (kept aside by
+  the head), dropped before the head with ``false``. The Q-Former query outputs are *not* used here:
+  they are 32 learned summaries, not patches, and selecting among them is not what the head is for.
+* **text side**: the Q-Former's text-only BERT pass (the one BLIP-2 uses for its ITC text feature),
+  every non-padding token (``[CLS]``, word pieces, ``[SEP]``) as LAPS does with BERT, through
+  ``word_proj`` (Linear to ``embed_size``); lengths from the attention mask.
+* **dense captions** (one per *image*) through the same text pass and ``word_proj``; in evaluation they
+  are encoded once per image and cached.
+
+Training loss: ``SEPSLoss(head sims, keep decisions, image ids) + loss_itc_weight * ITC`` where ITC is
+BLIP-2's image-text contrastive loss (max over the query features of the image vs the text [CLS]
+feature, learnable temperature), with every caption of the same image counted as a positive (soft
+targets, as BLIP's retrieval fine-tuning does). Negatives are in-batch, per process (no all-gather).
+
+Evaluation (driven by ``lever_seps_retrieval``) uses :meth:`encode_images`, :meth:`encode_texts`,
+:meth:`encode_dense_texts`, :meth:`head_similarity` and :meth:`itc_similarity`.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lever_plugins import catalog
+from lever_plugins.models.blip2_components import (
+    build_qformer,
+    build_tokenizer,
+    build_vision_encoder,
+    freeze,
+    init_query_branch_from_text,
+    load_checked,
+    load_torch_file,
+)
+from lever_plugins.modules.seps import CrossSparseAggrNet, SEPSLoss
+from lever_plugins.schema import RecipeError
+from lever_plugins.schemas.seps_retrieval import Blip2SepsSettings
+
+from lavis.models.base_model import BaseModel  # noqa: E402  (LAVIS imported by blip2_components)
+from lavis.models.eva_vit import interpolate_pos_embed  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+# Weights this model has that a BLIP-2 checkpoint does not: the head and the two projections into it.
+SEPS_NEW_KEYS = ("seps_head.", "image_token_proj.", "word_proj.")
+# BLIP-2 checkpoint weights this model does not use: the ITM head and the Q-Former's language-model
+# head (retrieval never generates text; under DDP it would hold weights that never get a gradient).
+BLIP2_UNUSED_KEYS = ("itm_head.", "Qformer.cls.")
+# Parameter-name prefixes of the BLIP-2 backbone (trained at backbone_lr_scale x the base lr).
+BACKBONE_PREFIXES = ("visual_encoder.", "ln_vision.", "Qformer.", "query_tokens", "vision_proj.", "text_proj.", "temp")
+TEMPERATURE_RANGE = (0.001, 0.5)
+
+
+class TextTokens(NamedTuple):
+    """Head-side word tokens of a batch of texts, plus BLIP-2's ITC text feature."""
+
+    embeddings: torch.Tensor  # (B, L, C) projected to the head's embed_size; padded rows are zero
+    lengths: torch.Tensor  # (B,) non-padding tokens ([CLS] + words + [SEP])
+    itc: torch.Tensor  # (B, E) L2-normalised text_proj([CLS])
+
+
+class ImageTokens(NamedTuple):
+    """Head-side image tokens of a batch of images, plus BLIP-2's ITC query features."""
+
+    embeddings: torch.Tensor  # (B, N(+1), C) projected ViT tokens (CLS first when seps_head.has_cls)
+    itc: torch.Tensor  # (B, Q, E) L2-normalised vision_proj(query outputs)
+
+
+class Blip2SepsModel(BaseModel):
+    """BLIP-2 retrieval model with the SEPS head (registered as ``lever_blip2_seps``).
+
+    Build it from settings (``Blip2SepsModel(settings)``) or from a recipe's ``model:`` block
+    (``Blip2SepsModel.from_config(cfg)``, as LAVIS does).
+    """
+
+    PRETRAINED_MODEL_CONFIG_DICT = {
+        name: os.path.join(catalog.CONFIG_ROOT, "models", f"lever_blip2_seps_{name}.yaml")
+        for name in catalog.get_plugin("model", "lever_blip2_seps").model_types
+    }
+
+    def __init__(self, settings: Blip2SepsSettings):
+        super().__init__()
+        problems = list(settings.problems())
+        if problems:
+            raise ValueError("lever_blip2_seps: " + "; ".join(problems))
+        self.settings = settings
+        self.tokenizer = build_tokenizer(settings.qformer)
+        self.visual_encoder, self.ln_vision = build_vision_encoder(settings.vision)
+        if settings.vision.freeze:
+            freeze(self.visual_encoder)
+        self.Qformer, self.query_tokens = build_qformer(settings.qformer, settings.vision.width, len(self.tokenizer))
+        init_query_branch_from_text(self.Qformer)
+        self.Qformer.cls = None
+        hidden = settings.qformer.hidden_size
+        self.vision_proj = nn.Linear(hidden, settings.embed_dim)
+        self.text_proj = nn.Linear(hidden, settings.embed_dim)
+        self.temp = nn.Parameter(settings.temperature_init * torch.ones([]))
+
+        embed_size = settings.seps_head.embed_size
+        self.image_token_proj = nn.Linear(settings.vision.width, embed_size)
+        self.word_proj = nn.Linear(hidden, embed_size)
+        self.seps_head = CrossSparseAggrNet.from_settings(settings.seps_head)
+        self.seps_loss = SEPSLoss.from_settings(settings.seps_loss)
+        self.max_txt_len = settings.max_txt_len
+        self.max_dense_txt_len = settings.max_dense_txt_len
+
+        if settings.pretrained:
+            self.load_pretrained(settings.pretrained)
+        if settings.finetuned:
+            load_checked(self, load_torch_file(settings.finetuned), settings.finetuned, allowed_missing=self._frozen_keys())
+
+    # ----------------------------------------------------------------------------------- building
+    @classmethod
+    def from_config(cls, cfg: Any) -> "Blip2SepsModel":
+        """Build from a LAVIS/OmegaConf ``model:`` node or a plain mapping; every key is validated."""
+        from lever_plugins.recipes import resolve_model_block
+        from lever_plugins.tasks.base import to_plain
+
+        problems: list[str] = []
+        settings = resolve_model_block(dict(to_plain(cfg)), problems)
+        if problems:
+            raise RecipeError(problems)
+        return cls(settings)
+
+    def load_pretrained(self, path: str) -> None:
+        """Load a BLIP-2 checkpoint; only the head and its projections (and a separately loaded ViT) may be missing.
+
+        A ViT position embedding of another resolution (BLIP-2 pretrains at 224 px) is interpolated to
+        ``vision.image_size``, as LAVIS does for its 364-px retrieval models.
+        """
+        state_dict = dict(load_torch_file(path))
+        key = "visual_encoder.pos_embed"
+        if key in state_dict and state_dict[key].shape != self.visual_encoder.pos_embed.shape:
+            resized = {"pos_embed": state_dict[key]}
+            interpolate_pos_embed(self.visual_encoder, resized)
+            state_dict[key] = resized["pos_embed"]
+        allowed = SEPS_NEW_KEYS + (("visual_encoder.",) if self.settings.vision.checkpoint else ())
+        load_checked(self, state_dict, path, allowed_missing=allowed, ignored_unexpected=BLIP2_UNUSED_KEYS)
+
+    def _frozen_keys(self) -> tuple[str, ...]:
+        # Runner checkpoints omit frozen weights (as LAVIS's do), so they may be missing there.
+        return ("visual_encoder.",) if self.settings.vision.freeze else ()
+
+    def train(self, mode: bool = True) -> "Blip2SepsModel":
+        super().train(mode)
+        if self.settings.vision.freeze:
+            self.visual_encoder.eval()  # a frozen ViT keeps its eval behaviour (drop-path off)
+        return self
+
+    def head_parameter_count(self) -> int:
+        """Parameters of the plugin: the head and the two projections into it."""
+        modules = (self.seps_head, self.image_token_proj, self.word_proj)
+        return sum(p.numel() for module in modules for p in module.parameters())
+
+    def param_groups_for_optimizer(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: backbone at ``lr_scale = backbone_lr_scale``, head and projections at 1.
+
+        Biases, norms and 0/1-d parameters get no weight decay (as the runner's default grouping).
+        """
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            backbone = name.startswith(BACKBONE_PREFIXES)
+            no_decay = param.ndim < 2 or "bias" in name or "ln" in name or "norm" in name.lower()
+            groups.setdefault((backbone, no_decay), []).append(param)
+        out = []
+        for (backbone, no_decay), params in sorted(groups.items()):
+            out.append(
+                {
+                    "params": params,
+                    "weight_decay": 0.0 if no_decay else float(weight_decay),
+                    "lr_scale": self.settings.backbone_lr_scale if backbone else 1.0,
+                    "name": f"{'backbone' if backbone else 'seps_head'}{'_no_decay' if no_decay else ''}",
+                }
+            )
+        return out
+
+    # ----------------------------------------------------------------------------------- encoders
+    def _vit_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` -> ``(B, 1 + N, vision.width)``: ViT + ``ln_vision`` (no grad when frozen)."""
+        size = self.settings.vision.image_size
+        if images.dim() != 4 or tuple(images.shape[-2:]) != (size, size):
+            raise ValueError(
+                f"lever_blip2_seps: images must be (B, 3, {size}, {size}) for model.vision.image_size={size}, got "
+                f"shape {tuple(images.shape)}; set the dataset's image_size to {size}"
+            )
+        context = torch.no_grad() if self.settings.vision.freeze else contextlib.nullcontext()
+        # An fp16 ViT (vision.precision, on cuda) gets fp16 pixels, so it also runs without run.amp.
+        dtype = self.visual_encoder.patch_embed.proj.weight.dtype
+        with context:
+            tokens = self.visual_encoder(images.to(self.device, dtype=dtype))
+        return self.ln_vision(tokens.float() if tokens.dtype != torch.float32 else tokens)
+
+    def _head_image_tokens(self, vit_tokens: torch.Tensor) -> torch.Tensor:
+        """ViT tokens -> head tokens ``(B, N(+1), embed_size)`` (CLS kept only when ``has_cls``)."""
+        if not self.settings.seps_head.has_cls:
+            vit_tokens = vit_tokens[:, 1:]
+        return self.image_token_proj(vit_tokens)
+
+    def _itc_image_features(self, vit_tokens: torch.Tensor) -> torch.Tensor:
+        """BLIP-2 query features ``(B, Q, embed_dim)``, L2-normalised."""
+        query_tokens = self.query_tokens.expand(vit_tokens.shape[0], -1, -1)
+        image_atts = torch.ones(vit_tokens.shape[:-1], dtype=torch.long, device=vit_tokens.device)
+        output = self.Qformer.bert(
+            query_embeds=query_tokens, encoder_hidden_states=vit_tokens, encoder_attention_mask=image_atts, return_dict=True
+        )
+        return F.normalize(self.vision_proj(output.last_hidden_state), dim=-1)
+
+    def _encode_text(self, texts: Sequence[str], max_length: int) -> TextTokens:
+        tokens = self.tokenizer(
+            list(texts), padding="longest", truncation=True, max_length=max_length, return_tensors="pt"
+        ).to(self.device)
+        hidden = self.Qformer.bert(tokens.input_ids, attention_mask=tokens.attention_mask, return_dict=True).last_hidden_state
+        mask = tokens.attention_mask
+        embeddings = self.word_proj(hidden) * mask[..., None].to(hidden.dtype)
+        itc = F.normalize(self.text_proj(hidden[:, 0, :]), dim=-1)
+        return TextTokens(embeddings, mask.sum(dim=1), itc)
+
+    def encode_images(self, images: torch.Tensor) -> ImageTokens:
+        """Head tokens ``(B, N(+1), C)`` and ITC query features ``(B, Q, E)`` of a batch of images."""
+        vit_tokens = self._vit_tokens(images)
+        return ImageTokens(self._head_image_tokens(vit_tokens), self._itc_image_features(vit_tokens))
+
+    def encode_texts(self, texts: Sequence[str]) -> TextTokens:
+        """Caption word tokens ``(B, L_s, C)``, lengths ``(B,)`` and ITC features ``(B, E)``."""
+        return self._encode_text(texts, self.max_txt_len)
+
+    def encode_dense_texts(self, texts: Sequence[str]) -> TextTokens:
+        """Dense-caption word tokens ``(B, L_d, C)`` and lengths ``(B,)`` (one row per image)."""
+        return self._encode_text(texts, self.max_dense_txt_len)
+
+    def head_similarity(
+        self,
+        image_tokens: torch.Tensor,
+        dense_tokens: torch.Tensor,
+        dense_lengths: torch.Tensor,
+        caption_tokens: torch.Tensor,
+        caption_lengths: torch.Tensor,
+    ) -> torch.Tensor:
+        """Head scores ``(B_v, B_t)``: images (with their own dense captions) against captions.
+
+        Args:
+            image_tokens: ``(B_v, N(+1), C)`` from :meth:`encode_images`.
+            dense_tokens, dense_lengths: ``(B_v, L_d, C)``, ``(B_v,)``: row v is image v's dense caption.
+            caption_tokens, caption_lengths: ``(B_t, L_s, C)``, ``(B_t,)``.
+        """
+        was_training = self.seps_head.training
+        self.seps_head.eval()
+        try:
+            return self.seps_head(image_tokens, caption_tokens, caption_lengths, dense_tokens, dense_lengths)
+        finally:
+            self.seps_head.train(was_training)
+
+    @staticmethod
+    def itc_similarity(image_itc: torch.Tensor, text_itc: torch.Tensor) -> torch.Tensor:
+        """BLIP-2 ITC score ``(B_v, B_t)``: the best of the image's query features against the text feature.
+
+        Args:
+            image_itc: ``(B_v, Q, E)``; text_itc: ``(B_t, E)``.
+        """
+        return torch.einsum("vqe,te->vtq", image_itc, text_itc).amax(dim=-1)
+
+    # ----------------------------------------------------------------------------------- training
+    def itc_loss(self, image_itc: torch.Tensor, text_itc: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
+        """BLIP-2's ITC, both directions, every caption of the same image a positive (soft targets)."""
+        with torch.no_grad():
+            self.temp.clamp_(*TEMPERATURE_RANGE)
+        logits = self.itc_similarity(image_itc, text_itc) / self.temp  # (B, B): sample i's image vs sample j's text
+        positive = (image_ids[:, None] == image_ids[None, :]).to(logits.dtype)
+        targets = positive / positive.sum(dim=1, keepdim=True)
+        i2t = -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
+        t2i = -(F.log_softmax(logits.t(), dim=1) * targets).sum(dim=1).mean()
+        return (i2t + t2i) / 2
+
+    def forward(self, samples: Mapping[str, Any]) -> dict:
+        """Training losses for a batch of (image, caption, dense caption of the image, image id) samples.
+
+        Args:
+            samples: ``image`` (B, 3, H, W), ``text_input`` list[str], ``dense_text`` list[str] (the dense
+                caption of each sample's image), ``image_id`` (B,) int (equal for captions of one image).
+
+        Returns:
+            dict with ``loss`` (back-propagated) and, for logging, ``loss_seps``, ``loss_align``,
+            ``loss_ratio``, ``loss_itc``, ``keep_ratio`` (mean keep decision of the sparse branch),
+            ``keep_ratio_dense`` (dense branch, when dual aggregation) and ``max_violation`` (0/1).
+        """
+        for key in ("image", "text_input", "dense_text", "image_id"):
+            if key not in samples:
+                raise KeyError(f"lever_blip2_seps.forward: batch has no {key!r} (got {sorted(samples)})")
+        image_ids = torch.as_tensor(samples["image_id"], device=self.device)
+        vit_tokens = self._vit_tokens(samples["image"])
+        image_tokens = self._head_image_tokens(vit_tokens)
+        captions = self.encode_texts(samples["text_input"])
+        dense = self.encode_dense_texts(samples["dense_text"])
+        output = self.seps_head(image_tokens, captions.embeddings, captions.lengths, dense.embeddings, dense.lengths)
+        sims, score_mask = output if isinstance(output, tuple) else (output, None)
+        loss_seps, loss_align, loss_ratio = self.seps_loss(sims, score_mask, img_ids=image_ids)
+
+        out = {
+            "loss_seps": loss_seps.detach(),
+            "loss_align": loss_align.detach(),
+            "loss_ratio": loss_ratio.detach(),
+            "max_violation": torch.tensor(float(self.seps_loss.max_violation)),
+        }
+        loss = loss_seps
+        if self.settings.loss_itc_weight > 0:
+            loss_itc = self.itc_loss(self._itc_image_features(vit_tokens), captions.itc, image_ids)
+            loss = loss + self.settings.loss_itc_weight * loss_itc
+            out["loss_itc"] = loss_itc.detach()
+        if isinstance(score_mask, (tuple, list)):
+            out["keep_ratio"] = score_mask[0].detach().float().mean()
+            if len(score_mask) > 1:
+                out["keep_ratio_dense"] = score_mask[1].detach().float().mean()
+        elif score_mask is not None:
+            out["keep_ratio"] = score_mask.detach().float().mean()
+        out["loss"] = loss
+        return out
