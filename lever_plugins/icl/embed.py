@@ -9,11 +9,12 @@ Encoders (``run.embed.encoder``):
   (BLIP-2's multimodal features). Width: the Q-Former hidden size (768 for real BLIP-2).
 * ``transformers``: any local ``AutoModel`` text encoder (e.g. BERT / MiniLM), mean or [CLS] pooling.
 
-Three tables are cached under ``datasets.lever_vqa_icl.features_dir`` (each
-``{"question_ids": (N,), "embeddings": (N, d)}``, loaded with ``weights_only=True``): ``train_query`` (supporting-set questions), ``train_candidate``
-(supporting-set demonstrations: question + answer, or an alias of ``train_query`` when
-``candidate_text: question``) and ``eval_query``. ``manifest.json`` records what made them; a cache
-made with other settings is refused rather than silently mixed. Work is saved in parts of
+Three tables are cached under ``datasets.lever_vqa_icl.features_dir``, each
+``{"question_ids": (N,), "embeddings": (N, d)}`` (loaded with ``weights_only=True``): ``train_query``
+(supporting-set questions), ``train_candidate`` (supporting-set demonstrations: question + answer,
+or the same as ``train_query`` with ``candidate_text: question``) and ``eval_query``; optionally
+centred (``center``) and L2-normalised. ``manifest.json`` records what made them; a cache made with
+other settings is refused rather than silently mixed. Raw features are saved in parts of
 ``PART_EXAMPLES`` examples, so an interrupted run resumes.
 """
 from __future__ import annotations
@@ -194,48 +195,57 @@ def table_path(cache_dir: str, table: str) -> str:
 
 def encode_table(
     encoder: FeatureEncoder, examples: Sequence[VqaExample], texts: Sequence[str], cache_dir: str, table: str,
-    batch_size: int, normalize: bool, progress: bool = True,
-) -> dict:
-    """Encode ``examples`` part by part (resuming finished parts) and save ``<table>.pt``."""
+    batch_size: int, progress: bool = True,
+) -> torch.Tensor:
+    """Raw ``(N, dim)`` features of ``examples``, computed part by part (finished parts are reused)."""
     parts = []
-    num_parts = (len(examples) + PART_EXAMPLES - 1) // PART_EXAMPLES
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(examples), desc=f"embed {table}", leave=False, dynamic_ncols=True)
-    for part in range(num_parts):
-        path = os.path.join(cache_dir, f"{table}.part{part:05d}.pt")
-        lo, hi = part * PART_EXAMPLES, min(len(examples), (part + 1) * PART_EXAMPLES)
+    for part, lo in enumerate(range(0, len(examples), PART_EXAMPLES)):
+        hi = min(len(examples), lo + PART_EXAMPLES)
+        path = _part_path(cache_dir, table, part)
         if os.path.isfile(path):
             parts.append(torch.load(path, map_location="cpu", weights_only=True))
             if bar is not None:
                 bar.update(hi - lo)
-        else:
-            chunks = []
-            for start in range(lo, hi, batch_size):
-                batch = examples[start:min(hi, start + batch_size)]
-                images = _load_images(batch) if encoder.needs_images else None
-                chunks.append(encoder.encode(texts[start:start + len(batch)], images).cpu())
-                if bar is not None:
-                    bar.update(len(batch))
-            features = torch.cat(chunks)
-            tmp = f"{path}.tmp-{os.getpid()}"
-            torch.save(features, tmp)
-            os.replace(tmp, path)
-            parts.append(features)
+            continue
+        chunks = []
+        for start in range(lo, hi, batch_size):
+            batch = examples[start:min(hi, start + batch_size)]
+            images = _load_images(batch) if encoder.needs_images else None
+            chunks.append(encoder.encode(texts[start:start + len(batch)], images).float().cpu())
+            if bar is not None:
+                bar.update(len(batch))
+        features = torch.cat(chunks)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        torch.save(features, tmp)
+        os.replace(tmp, path)
+        parts.append(features)
     if bar is not None:
         bar.close()
-    embeddings = torch.cat(parts)
-    if normalize:
-        embeddings = F.normalize(embeddings, dim=-1)
-    data = {"question_ids": torch.tensor([e.question_id for e in examples], dtype=torch.long), "embeddings": embeddings.contiguous()}
-    tmp = f"{table_path(cache_dir, table)}.tmp-{os.getpid()}"
-    torch.save(data, tmp)
-    os.replace(tmp, table_path(cache_dir, table))
-    for part in range(num_parts):
-        os.remove(os.path.join(cache_dir, f"{table}.part{part:05d}.pt"))
-    return data
+    return torch.cat(parts)
+
+
+def _part_path(cache_dir: str, table: str, part: int) -> str:
+    return os.path.join(cache_dir, f"{table}.part{part:05d}.pt")
+
+
+def finish_tables(raw: dict[str, torch.Tensor], center: bool, normalize: bool) -> dict[str, torch.Tensor]:
+    """Optional centring, then optional L2 normalisation.
+
+    Centring subtracts the supporting set's mean: ``train_query``'s mean from the query tables
+    (``train_query`` and ``eval_query``, so that evaluation queries are treated like training ones)
+    and ``train_candidate``'s from the candidates.
+    """
+    out = {}
+    for name, values in raw.items():
+        if center:
+            values = values - raw["train_candidate" if name == "train_candidate" else "train_query"].mean(0)
+        out[name] = F.normalize(values, dim=-1) if normalize else values
+    return out
 
 
 def embed_fingerprint(settings: EmbedSettings, train: VqaSplit, eval_split: VqaSplit) -> dict:
@@ -293,7 +303,7 @@ def embed_stage(
     atomic_write_json(os.path.join(cache_dir, MANIFEST), {"fingerprint": fingerprint, "complete": False}, indent=2)
     encoder = build_encoder(settings)
     logger.info("embed: %s features (%s, d=%d) into %s", settings.encoder, settings.modality, encoder.dim, cache_dir)
-    tables = {}
+    raw: dict[str, torch.Tensor] = {}
     jobs = [
         ("train_query", train.examples, [query_text(e) for e in train.examples]),
         ("eval_query", eval_split.examples, [query_text(e) for e in eval_split.examples]),
@@ -301,13 +311,16 @@ def embed_stage(
     if settings.candidate_text != "question":
         jobs.insert(1, ("train_candidate", train.examples, [candidate_text(e, settings.candidate_text) for e in train.examples]))
     for table, examples, texts in jobs:
-        if os.path.isfile(table_path(cache_dir, table)):
-            tables[table] = torch.load(table_path(cache_dir, table), map_location="cpu", weights_only=True)
-            continue
-        tables[table] = encode_table(encoder, examples, texts, cache_dir, table, settings.batch_size, settings.normalize, progress)
-    if "train_candidate" not in tables:
-        tables["train_candidate"] = tables["train_query"]
-        torch.save(tables["train_query"], table_path(cache_dir, "train_candidate"))
+        raw[table] = encode_table(encoder, examples, texts, cache_dir, table, settings.batch_size, progress)
+    raw.setdefault("train_candidate", raw["train_query"])
+    finished = finish_tables(raw, settings.center, settings.normalize)
+    ids = {"train_query": train.question_ids, "train_candidate": train.question_ids, "eval_query": eval_split.question_ids}
+    tables = {}
+    for name, values in finished.items():
+        tables[name] = {"question_ids": torch.tensor(ids[name], dtype=torch.long), "embeddings": values.contiguous()}
+        tmp = f"{table_path(cache_dir, name)}.tmp-{os.getpid()}"
+        torch.save(tables[name], tmp)
+        os.replace(tmp, table_path(cache_dir, name))
     dims = {name: int(t["embeddings"].shape[1]) for name, t in tables.items()}
     atomic_write_json(
         os.path.join(cache_dir, MANIFEST),
@@ -316,6 +329,9 @@ def embed_stage(
                     for name, t in tables.items()}},
         indent=2,
     )
+    for name in os.listdir(cache_dir):
+        if ".part" in name and name.endswith(".pt"):
+            os.remove(os.path.join(cache_dir, name))
     return tables
 
 

@@ -16,8 +16,8 @@ def describe_icl_plan(data: dict) -> list[str]:
     beam, vlm, embed, evaluation = run["beam_search"], run["vlm"], run["embed"], run["evaluation"]
     d, h, version = model["d_model"], model["hidden_dim"], model["model_type"]
     count = d * h + h + 2 * (h * h + h) + (4 * h * h + 6 * h if version == "v2" else 0)
-    features_dir = dataset.get("features_dir") or os.path.join(output_dir, "embed")
-    beam_dir = dataset.get("beam_dir") or os.path.join(output_dir, "beam_search")
+    features_dir = os.path.abspath(dataset.get("features_dir") or os.path.join(output_dir, "embed"))
+    beam_dir = os.path.abspath(dataset.get("beam_dir") or os.path.join(output_dir, "beam_search"))
     vlm_path = vlm["path"] or "(the generated demo LM under datasets.lever_vqa_icl.root)"
     lines = [f"#   stages: {' -> '.join(s for s in STAGES if s in run['stages'])}"]
     plan = {

@@ -195,11 +195,19 @@ class VlmSettings(Settings):
 
 
 @dataclass(kw_only=True)
+class EncoderQformerSettings(QformerSettings):
+    """:class:`QformerSettings` whose ``vocab_file`` is required by ``run.embed`` only with ``encoder: blip2``."""
+
+    def extra_problems(self) -> Iterator[str]:
+        yield from (p for p in super().extra_problems() if not p.startswith("vocab_file:"))
+
+
+@dataclass(kw_only=True)
 class Blip2EncoderSettings(Settings):
     """``run.embed.blip2``: a BLIP-2 Q-Former feature extractor built from explicit sizes (local weights)."""
 
     vision: VisionSettings = setting(default_factory=VisionSettings, help="EVA ViT (image / multimodal features)")
-    qformer: QformerSettings = setting(default_factory=QformerSettings, help="Q-Former (vocab_file required)")
+    qformer: EncoderQformerSettings = setting(default_factory=EncoderQformerSettings, help="Q-Former (vocab_file required)")
     pretrained: Optional[str] = setting(None, help="local blip2_pretrained.pth (null: random init, demo only)", path="file")
     max_txt_len: int = setting(32, help="text tokens (truncated)", ge=1)
 
@@ -219,6 +227,9 @@ class EmbedSettings(Settings):
     candidate_text: Literal["question", "question_answer"] = setting(
         "question_answer", help="text of a candidate demonstration: its question, or question + answer"
     )
+    center: bool = setting(
+        False, help="subtract the supporting set's mean feature first (random or anisotropic encoders put all features in a narrow cone)"
+    )
     normalize: bool = setting(True, help="L2-normalise the features")
     batch_size: int = setting(64, help="examples per encoder forward pass", ge=1)
     device: Literal["auto", "cpu", "cuda"] = setting("auto", help="where the encoder runs")
@@ -230,7 +241,11 @@ class EmbedSettings(Settings):
                 yield "path: required with encoder: transformers (a local model folder)"
             if self.modality != "text":
                 yield f"modality: encoder transformers encodes text only, got {self.modality!r}"
+            if self.blip2 != Blip2EncoderSettings():
+                yield "blip2: read only by encoder: blip2; remove it"
         else:
+            if self.blip2.qformer.vocab_file is None:
+                yield "blip2.qformer.vocab_file: required with encoder: blip2 (a local WordPiece vocab.txt; nothing is downloaded)"
             if self.path:
                 yield "path: read only by encoder: transformers; the blip2 encoder takes blip2.pretrained"
             if self.modality == "text" and self.blip2.vision != VisionSettings():
@@ -291,7 +306,7 @@ class IclSelectionRunSettings(RunSettings):
         "mrr", help="validation metric that picks checkpoint_best (MRR of the beam's demonstration at each step)"
     )
     vlm: VlmSettings = setting(default_factory=VlmSettings, help="the VLM (beam-search scorer and evaluated model)")
-    embed: EmbedSettings = setting(default_factory=EmbedSettings, help="feature extractor and cache")
+    embed: EmbedSettings = setting(help="feature extractor (required: features feed pools, RICES and the selector)")
     beam_search: BeamSearchSettings = setting(default_factory=BeamSearchSettings, help="pools and beam search")
     # Not ``evaluate``: LAVIS's runner reads run.evaluate as "evaluate only".
     evaluation: IclEvaluateSettings = setting(default_factory=IclEvaluateSettings, help="select + evaluate stages")
