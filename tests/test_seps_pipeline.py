@@ -1,6 +1,7 @@
 """End to end: the SEPS demo recipe through the CLI (generated data, tiny BLIP-2, CPU), at smoke size."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -72,5 +73,8 @@ def test_demo_recipe_trains_logs_and_draws_through_the_cli(tmp_path):
     val = [r for r in records if r["split"] == "val"]
     assert best["epoch"] == max(val, key=lambda r: r["rsum"])["epoch"]  # chosen on val, never on test
     assert any(k.startswith("seps_head.") for k in best["model"])
-    assert (out / "loss_curves.png").stat().st_size > 10_000
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "loss_curves.png").stat().st_size > 10_000
+    else:  # an existing LAVIS environment may lack it: the run still succeeds, and says so
+        assert "no loss_curves.png" in done.stdout + done.stderr
     assert (out / "result" / "test_epochbest_metrics.json").is_file()

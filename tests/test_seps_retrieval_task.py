@@ -124,6 +124,7 @@ def test_backbone_lr_scale_needs_a_schedule_that_honours_it():
 
 
 def test_loss_curves_png_from_metrics_jsonl(tmp_path):
+    pytest.importorskip("matplotlib")
     records = [
         {"epoch": 0, "split": "train", "loss": 3.0, "loss_align": 2.5, "loss_ratio": 0.05, "keep_ratio": 0.7},
         {"epoch": 0, "split": "val", "rsum": 100.0, "itc_rsum": 90.0},

@@ -245,7 +245,11 @@ class SepsRetrievalTask(LeverTask):
         metrics_path = Path(runner.output_dir) / "metrics.jsonl"
         if not metrics_path.is_file():
             return
-        path = plot_loss_curves(metrics_path, Path(runner.output_dir) / "loss_curves.png", target_ratio=target)
+        try:
+            path = plot_loss_curves(metrics_path, Path(runner.output_dir) / "loss_curves.png", target_ratio=target)
+        except ImportError as error:  # matplotlib is optional in an existing LAVIS environment
+            logger.warning("no loss_curves.png: %s (pip install matplotlib, or run.plot_loss_curves: false)", error)
+            return
         if path is not None:
             logger.info("loss curves: %s", path)
 
@@ -313,6 +317,8 @@ def plot_loss_curves(metrics_path: os.PathLike, out_path: os.PathLike, target_ra
             epochs, values = series(rows, key)
             if epochs:
                 axis.plot(epochs, values, marker="o", markersize=3, label=key)
+        if title in ("training losses", "ratio term") and all(v > 0 for line in axis.lines for v in line.get_ydata()):
+            axis.set_yscale("log")  # the SEPS hinge sum and ITC / the ratio term differ by orders of magnitude
         if title == "actual keep ratio" and target_ratio is not None:
             axis.axhline(target_ratio, color="grey", linestyle="--", linewidth=1, label=f"target {target_ratio:g}")
         axis.set_title(title)
