@@ -122,10 +122,36 @@ def test_selector_learns_a_planted_rule_and_the_task_reports_step_metrics(tmp_pa
     after = task.after_evaluation(task.evaluation(model.eval(), loader), "val", 1)
     assert set(after) >= {"top1", "top3", "top5", "mrr", "ndcg@6", "ce_loss", "ranking_loss", "logits_std", "agg_metrics"}
     assert after["agg_metrics"] == after["mrr"]
+    # Step 2 is easier: one same-object candidate is left once step 1's label is masked.
+    assert after["step2_top1"] > after["step1_top1"] and after["step1_top1"] == pytest.approx(2 * after["top1"] - after["step2_top1"])
     chance_top1 = 100 * (1 / 12 + 1 / 11) / 2
     assert after["top1"] > 5 * chance_top1 and after["top3"] > 85 and after["mrr"] > 0.7
     assert after["mrr"] > before["mrr"] + 0.3
     assert json.loads((tmp_path / "val_epoch1_metrics.json").read_text())["top1"] == after["top1"]
+
+
+def test_radi_student_distils_from_a_frozen_teacher_checkpoint(tmp_path):
+    small = dict(d_model=16, hidden_dim=8, K=6, shot_num=2)
+    teacher = _model("v1", **small)
+    path = tmp_path / "teacher.pth"
+    torch.save({"config": {"model": {"arch": "lever_pointer_selector", "model_type": "v1", **small}},
+                "model": teacher.state_dict()}, path)
+    student = _model("v3", **small, ranking_loss_type="radi_listwise", radi_hot_k=2, radi_cold_k=2,
+                     radi_mc_samples=3, teacher_checkpoint=str(path))
+    assert not any(k.startswith("_teacher") for k in student.state_dict())  # the teacher is not saved with the student
+    batch = {"query_emb": torch.randn(4, 16), "cand_emb": torch.randn(4, 6, 16),
+             "labels": torch.tensor([[0, 1], [2, 3], [5, 4], [1, 0]]), "beam_scores": torch.rand(4, 2)}
+    assert student.teacher_logits(batch).shape == (3, 4, 2, 6)
+    out = student(batch)
+    out["loss"].backward()
+    assert torch.isfinite(out["ranking_loss"]) and float(out["ranking_loss"]) > 0
+    assert all(p.grad is None for p in student._teacher.parameters())
+    assert all(p.grad is not None for p in student.selector.parameters())
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"config": {"model": {"arch": "lever_pointer_selector", "model_type": "v1", **small, "K": 8}},
+                "model": _model("v1", **{**small, "K": 8}).state_dict()}, wrong)
+    with pytest.raises(RecipeError, match="the teacher has K = 8, this model 6"):
+        _model("v3", **small, ranking_loss_type="radi_pairwise", teacher_checkpoint=str(wrong))
 
 
 def test_model_must_match_pool_size_and_shot_counts():

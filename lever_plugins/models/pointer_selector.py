@@ -94,9 +94,11 @@ class PointerSelectorModel(BaseModel):
         config = selector_config(settings)
         builder = {"v1": build_model_v1, "v2": build_model_v2, "v3": build_model_v3}[settings.model_type]
         self.selector = builder(config)
-        self._teacher: Optional[torch.nn.Module] = None  # not a submodule: frozen, outside the state dict
+        teacher = None
         if settings.model_type == "v3" and settings.ranking_loss_type.startswith("radi_"):
-            self._teacher = self._load_teacher(str(settings.teacher_checkpoint))
+            teacher = self._load_teacher(str(settings.teacher_checkpoint))
+        # Not registered as a submodule: frozen, outside the state dict and the optimiser.
+        object.__setattr__(self, "_teacher", teacher)
         if settings.finetuned:
             state = load_checkpoint_weights(settings.finetuned)
             self.load_state_dict(state)

@@ -12,8 +12,9 @@ runner.train()``), so ``lever-plugins run`` and a LAVIS ``train.py`` run them al
   (``run.evaluation.checkpoint``: best | last | a path) and ``evaluate``.
 
 Validation (per epoch, on ``val``): teacher-forced logits of the held-out beam-search queries ->
-step Top-1/3/5 accuracy (percent), MRR and NDCG@6 (:func:`lever_plugins.metrics.ranking.
-pointer_selection_metrics`) plus the mean ``loss``, ``ce_loss``, ``ranking_loss`` and ``logits_std``.
+step Top-1/3/5 accuracy (percent), MRR and NDCG@6 over all steps (:func:`lever_plugins.metrics.
+ranking.pointer_selection_metrics`), Top-1 and MRR of each step (``step1_top1``, ``step1_mrr``, ...),
+and the mean ``loss``, ``ce_loss``, ``ranking_loss`` and ``logits_std``.
 ``agg_metrics`` (which picks ``checkpoint_best.pth``) is ``run.agg_metric``, MRR by default: it uses
 the rank of the beam's demonstration at every step, so it moves before Top-1 does and is less noisy
 on a small validation split.
@@ -31,7 +32,7 @@ from typing import Optional
 import torch
 
 from lever_plugins.icl.pipeline import IclPipeline
-from lever_plugins.metrics.ranking import pointer_selection_metrics
+from lever_plugins.metrics.ranking import mrr, pointer_selection_metrics, topk_accuracy
 from lever_plugins.runners import distributed as lever_dist
 from lever_plugins.schema import RecipeError, from_mapping
 from lever_plugins.schemas.icl import IclSelectionRunSettings, VqaIclDatasetSettings
@@ -135,7 +136,11 @@ class IclSelectionTask(LeverTask):
         return {"logits": torch.cat(logits), "labels": torch.cat(labels), "losses": {k: v / count for k, v in sums.items()}}
 
     def after_evaluation(self, val_result, split_name, epoch, **kwargs):
-        metrics = pointer_selection_metrics(val_result["logits"], val_result["labels"])
+        logits, labels = val_result["logits"], val_result["labels"]
+        metrics = pointer_selection_metrics(logits, labels)
+        for step in range(labels.shape[1]):  # per decoding step: later steps choose among fewer candidates
+            metrics[f"step{step + 1}_top1"] = topk_accuracy(logits[:, step], labels[:, step], 1)
+            metrics[f"step{step + 1}_mrr"] = mrr(logits[:, step], labels[:, step])
         metrics.update(val_result["losses"])
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["agg_metrics"] = metrics[self.settings.agg_metric]
