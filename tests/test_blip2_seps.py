@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -215,3 +216,14 @@ def test_pretrained_position_embedding_is_interpolated_to_the_image_size(tmp_pat
     large = build(pretrained=str(path))
     assert large.visual_encoder.pos_embed.shape == (1, 65, 64)
     torch.testing.assert_close(large.visual_encoder.pos_embed[:, 0], small.visual_encoder.pos_embed[:, 0])  # CLS kept
+
+
+def test_dry_run_plan_counts_the_parameters_the_model_builds():
+    from lever_plugins.launch import describe_plan
+    from lever_plugins.recipes import load_recipe
+
+    resolved = load_recipe(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "demo", "flickr_seps.yaml"))
+    model = Blip2SepsModel.from_config(resolved.data["model"])
+    plan = describe_plan(resolved)
+    assert f"{model.head_parameter_count():,} parameters" in plan
+    assert "num_patches=64, has_cls=True" in plan and "backbone lr x 1.0" in plan
