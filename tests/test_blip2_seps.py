@@ -222,7 +222,8 @@ def test_dry_run_plan_counts_the_parameters_the_model_builds():
     from lever_plugins.launch import describe_plan
     from lever_plugins.recipes import load_recipe
 
-    resolved = load_recipe(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "demo", "flickr_seps.yaml"))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    resolved = load_recipe(os.path.join(repo, "recipes", "demo", "flickr_seps.yaml"))
     model = Blip2SepsModel.from_config(resolved.data["model"])
     plan = describe_plan(resolved)
     assert f"{model.head_parameter_count():,} parameters" in plan
