@@ -11,7 +11,6 @@ import time
 
 import pytest
 import torch
-import yaml
 
 pytestmark = [pytest.mark.slow, pytest.mark.lavis]
 

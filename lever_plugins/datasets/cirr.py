@@ -17,7 +17,6 @@ the file, the entry and what was expected. No LAVIS import: the LAVIS builder wr
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 
-from lever_plugins.datasets.images import DECODE_ERRORS, decode_rgb
+from lever_plugins.datasets.files import load_image, read_json
 
 CIRR_SPLITS = ("train", "val", "test1")
 SPLITS_WITHOUT_TARGETS = ("test1",)
@@ -75,22 +74,8 @@ def image_split_file(root: PathLike, split: str) -> Path:
     return Path(root) / "image_splits" / f"split.rc2.{split}.json"
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
 def _read_json(path: Path) -> Any:
-    try:
-        with open(path, "r", encoding="utf-8") as stream:
-            return json.load(stream)
-    except FileNotFoundError:
-        raise CirrDataError(f"{path}: file not found (expected the CIRR rc2 layout under the dataset root)") from None
-    except json.JSONDecodeError as error:
-        raise CirrDataError(
-            f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})"
-        ) from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise CirrDataError(f"{path}: cannot read file ({_one_line(error)})") from None
+    return read_json(path, CirrDataError, "file not found (expected the CIRR rc2 layout under the dataset root)")
 
 
 def resolve_image_root(root: PathLike, image_root: Optional[PathLike] = None) -> Path:
@@ -212,14 +197,7 @@ def load_cirr_image(path: Path, referenced_by: str) -> Image.Image:
     Raises:
         CirrDataError: the file is missing or does not decode.
     """
-    try:
-        return decode_rgb(path)
-    except FileNotFoundError:
-        raise CirrDataError(f"{path}: image file is missing (referenced by {referenced_by})") from None
-    except DECODE_ERRORS as error:
-        raise CirrDataError(
-            f"{path}: cannot decode image ({type(error).__name__}: {_one_line(error)}) (referenced by {referenced_by})"
-        ) from None
+    return load_image(path, referenced_by, CirrDataError)
 
 
 class CirrTripletDataset(Dataset):

@@ -19,7 +19,6 @@ an image file that does not exist, an image without a dense caption (unless the 
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -32,6 +31,8 @@ from torch.utils.data.dataloader import default_collate
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from lever_plugins.datasets.files import load_image, one_line
+from lever_plugins.datasets.files import read_json as _read_json
 from lever_plugins.datasets.transforms import CLIP_MEAN, CLIP_STD, to_rgb
 
 logger = logging.getLogger(__name__)
@@ -62,22 +63,9 @@ class EvalEntry:
     captions: tuple[str, ...]
 
 
-def _one_line(text: Any) -> str:
-    return " ".join(str(text).split())
-
-
 def read_json(path: PathLike, what: str) -> Any:
     """Parse a JSON file; errors name the file (and line/column for bad JSON)."""
-    path = Path(path)
-    try:
-        with open(path, "r", encoding="utf-8") as stream:
-            return json.load(stream)
-    except FileNotFoundError:
-        raise RetrievalDataError(f"{path}: {what} file not found") from None
-    except json.JSONDecodeError as error:
-        raise RetrievalDataError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise RetrievalDataError(f"{path}: cannot read {what} file ({_one_line(error)})") from None
+    return _read_json(path, RetrievalDataError, f"{what} file not found")
 
 
 def _entry_error(path: Path, index: int, entry: Any, what: str) -> RetrievalDataError:
@@ -100,7 +88,7 @@ def _check_image_field(path: Path, index: int, entry: Any) -> str:
 def _caption(path: Path, index: int, entry: dict, value: Any, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _entry_error(path, index, entry, f"{where} must be a non-empty string, got {value!r}")
-    return _one_line(value)
+    return one_line(value)
 
 
 def _entries(path: PathLike) -> tuple[Path, list]:
@@ -162,7 +150,7 @@ def load_dense_captions(path: PathLike) -> dict[str, str]:
     for image, text in data.items():
         if not isinstance(text, str):
             raise RetrievalDataError(f"{path}: image {image!r}: the dense caption must be a string, got {text!r}")
-    return {image: _one_line(text) for image, text in data.items()}
+    return {image: one_line(text) for image, text in data.items()}
 
 
 def dense_captions_for(
@@ -220,16 +208,7 @@ def check_images_exist(image_root: Path, images: Sequence[str], annotation_path:
 
 def load_retrieval_image(path: Path, referenced_by: str) -> Image.Image:
     """Open and fully decode one image as RGB; errors name the file and who referenced it."""
-    try:
-        with Image.open(path) as image:
-            image.load()  # PIL decodes lazily; force it so truncated files fail here
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise RetrievalDataError(f"{path}: image file is missing (referenced by {referenced_by})") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise RetrievalDataError(
-            f"{path}: cannot decode image ({type(error).__name__}: {_one_line(error)}) (referenced by {referenced_by})"
-        ) from None
+    return load_image(path, referenced_by, RetrievalDataError)
 
 
 def retrieval_image_transform(image_size: int, augment: Augment = "none") -> T.Compose:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any
 
 import torch
 from torch.utils.data import DataLoader

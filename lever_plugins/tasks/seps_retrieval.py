@@ -34,7 +34,6 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from lever_plugins.metrics.retrieval import RECALL_KS, coco_1k_5fold_metrics, retrieval_metrics
 from lever_plugins.runners import distributed as lever_dist
