@@ -15,11 +15,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from typing import Any, Iterable, Iterator, Literal, Mapping, Optional, Sequence, Union
 
 _MISSING = dataclasses.MISSING
+_FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class RecipeError(Exception):
@@ -138,6 +140,8 @@ def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
             problems.append(f"{path}: expected an integer, got {type(value).__name__} {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string; it is plainly a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{path}: expected a number, got {type(value).__name__} {value!r}")
             return value

@@ -178,3 +178,11 @@ def test_readme_recipe_reference_is_in_sync_with_the_settings():
     assert recipe_reference_markdown() in readme, "regenerate with: lever-plugins list --markdown"
     assert readme.lstrip().startswith("# lever-plugins")
     assert "lever-plugins run recipes/demo/cirr_gated.yaml" in readme.split("\n## ")[0]
+
+
+def test_exponent_without_dot_is_a_number_but_words_are_not():
+    resolved = load_recipe(DEMO, ["run.init_lr=3e-4", "model.gated_fusion.alpha_init=-1E2"])
+    assert resolved.data["run"]["init_lr"] == pytest.approx(3e-4)
+    assert resolved.data["model"]["gated_fusion"]["alpha_init"] == -100.0
+    with pytest.raises(RecipeError, match="run.init_lr: expected a number, got str 'fast'"):
+        load_recipe(DEMO, ["run.init_lr=fast"])
