@@ -168,7 +168,13 @@ def model_config_path(arch: str, model_type: str) -> str:
             [f"model.model_type: unknown preset {model_type!r} for {arch}{suggest(model_type, spec.model_types)}; "
              f"known: {', '.join(spec.model_types)}"]
         )
-    return os.path.join(CONFIG_ROOT, "models", f"{arch}_{model_type}.yaml")
+    return preset_config_paths(spec.name)[model_type]
+
+
+def preset_config_paths(arch: str) -> dict[str, str]:
+    """``{model_type: absolute YAML path}`` for a model's LAVIS ``PRETRAINED_MODEL_CONFIG_DICT``."""
+    spec = get_plugin("model", arch)
+    return {name: os.path.join(CONFIG_ROOT, "models", f"{arch}_{name}.yaml") for name in spec.model_types}
 
 
 def dataset_config_path(name: str) -> str:

@@ -106,6 +106,26 @@ class ResolvedRecipe:
         return yaml.safe_dump(self.data, sort_keys=False, default_flow_style=False)
 
 
+def to_plain(cfg: Any) -> Any:
+    """An OmegaConf node (as LAVIS passes configs) as plain dicts/lists; anything else unchanged."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:  # omegaconf comes with LAVIS; without it there are no such nodes
+        return cfg
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def model_settings_from_config(cfg: Any) -> Any:
+    """Validated settings of a model config node (what every plugin model's ``from_config`` calls)."""
+    problems: list[str] = []
+    settings = resolve_model_block(dict(to_plain(cfg)), problems)
+    if problems:
+        raise RecipeError(problems)
+    return settings
+
+
 def resolve_model_block(block: Mapping, problems: list[str]) -> Any:
     """Settings of a ``model:`` block: the ``model_type`` preset merged under the block's own keys.
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -41,7 +40,7 @@ from lever_plugins.models.blip2_components import (
     without_cross_attention,
 )
 from lever_plugins.modules.gated_fusion import GatedFusionModule
-from lever_plugins.schema import RecipeError
+from lever_plugins.recipes import model_settings_from_config
 from lever_plugins.schemas.cir import Blip2CirSettings
 
 from lavis.models.base_model import BaseModel  # noqa: E402  (LAVIS imported by blip2_components)
@@ -63,10 +62,7 @@ class Blip2CirModel(BaseModel):
     (``Blip2CirModel.from_config(cfg)``, as LAVIS does).
     """
 
-    PRETRAINED_MODEL_CONFIG_DICT = {
-        name: os.path.join(catalog.CONFIG_ROOT, "models", f"lever_blip2_cir_{name}.yaml")
-        for name in catalog.get_plugin("model", "lever_blip2_cir").model_types
-    }
+    PRETRAINED_MODEL_CONFIG_DICT = catalog.preset_config_paths("lever_blip2_cir")
 
     def __init__(self, settings: Blip2CirSettings):
         super().__init__()
@@ -100,14 +96,7 @@ class Blip2CirModel(BaseModel):
     @classmethod
     def from_config(cls, cfg: Any) -> "Blip2CirModel":
         """Build from a LAVIS/OmegaConf ``model:`` node or a plain mapping; every key is validated."""
-        from lever_plugins.recipes import resolve_model_block
-
-        block = _plain(cfg)
-        problems: list[str] = []
-        settings = resolve_model_block(block, problems)
-        if problems:
-            raise RecipeError(problems)
-        return cls(settings)
+        return cls(model_settings_from_config(cfg))
 
     def load_pretrained(self, path: str) -> None:
         """Load a BLIP-2 checkpoint; only this model's new keys (and the ViT if loaded separately) may be missing."""
@@ -240,16 +229,3 @@ class Blip2CirModel(BaseModel):
 
         loss = loss_itc + self.settings.loss_rtc_weight * loss_rtc + self.settings.loss_align_weight * loss_align
         return {"loss": loss, "loss_itc": loss_itc.detach(), "loss_rtc": loss_rtc.detach(), "loss_align": loss_align.detach()}
-
-
-def _plain(cfg: Any) -> dict:
-    """An OmegaConf node or mapping as a plain dict."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover - omegaconf always comes with LAVIS
-        pass
-    return dict(cfg)
-

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
@@ -44,7 +43,7 @@ from lever_plugins.models.blip2_components import (
     load_torch_file,
 )
 from lever_plugins.modules.seps import CrossSparseAggrNet, SEPSLoss
-from lever_plugins.schema import RecipeError
+from lever_plugins.recipes import model_settings_from_config
 from lever_plugins.schemas.seps_retrieval import Blip2SepsSettings
 
 from lavis.models.base_model import BaseModel  # noqa: E402  (LAVIS imported by blip2_components)
@@ -84,10 +83,7 @@ class Blip2SepsModel(BaseModel):
     (``Blip2SepsModel.from_config(cfg)``, as LAVIS does).
     """
 
-    PRETRAINED_MODEL_CONFIG_DICT = {
-        name: os.path.join(catalog.CONFIG_ROOT, "models", f"lever_blip2_seps_{name}.yaml")
-        for name in catalog.get_plugin("model", "lever_blip2_seps").model_types
-    }
+    PRETRAINED_MODEL_CONFIG_DICT = catalog.preset_config_paths("lever_blip2_seps")
 
     def __init__(self, settings: Blip2SepsSettings):
         super().__init__()
@@ -124,14 +120,7 @@ class Blip2SepsModel(BaseModel):
     @classmethod
     def from_config(cls, cfg: Any) -> "Blip2SepsModel":
         """Build from a LAVIS/OmegaConf ``model:`` node or a plain mapping; every key is validated."""
-        from lever_plugins.recipes import resolve_model_block
-        from lever_plugins.tasks.base import to_plain
-
-        problems: list[str] = []
-        settings = resolve_model_block(dict(to_plain(cfg)), problems)
-        if problems:
-            raise RecipeError(problems)
-        return cls(settings)
+        return cls(model_settings_from_config(cfg))
 
     def load_pretrained(self, path: str) -> None:
         """Load a BLIP-2 checkpoint; only the head and its projections (and a separately loaded ViT) may be missing.

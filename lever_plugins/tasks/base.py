@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from lever_plugins.compat import import_lavis
+from lever_plugins.recipes import to_plain  # noqa: F401  (re-exported for the builders and tasks)
 from lever_plugins.schema import RecipeError, from_mapping
 from lever_plugins.schemas.run import RunSettings
 
@@ -32,17 +33,6 @@ RUNTIME_RUN_KEYS = ("gpu", "rank")
 
 class NonFiniteLoss(RuntimeError):
     """Training produced a NaN/inf loss; the message names the step and the last good checkpoint."""
-
-
-def to_plain(cfg: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(cfg, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return cfg
 
 
 def move_to_device(obj: Any, device: torch.device) -> Any:
