@@ -223,3 +223,42 @@ def test_sharded_ranks_split_the_queries(tmp_path):
         seen.append(sorted(set(vlm.queries)))
     assert seen == [queries[0::2], queries[1::2]]
     assert os.path.isfile(bs.part_path(out, 1)) and bs.merge_beam_parts(out, queries)
+
+
+def test_pipeline_beam_stage_writes_seed_format_reuses_it_and_refuses_other_settings(tmp_path):
+    from lever_plugins.icl.pipeline import IclPipeline
+    from lever_plugins.schemas.icl import BeamSearchSettings, EmbedSettings, IclSelectionRunSettings, VqaIclDatasetSettings
+
+    support = _support(tmp_path, count=12)
+    eval_q, eval_a = write_vqa_files(tmp_path / "data", "eval", [(9000, 90, "in the park , what color is the old kite ?", ["red"] * 10)])
+    model, tokenizer = tiny_causal_lm("llama")
+    model.save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    data = VqaIclDatasetSettings(train_questions=str(tmp_path / "data" / "train_questions.json"),
+                                 train_annotations=str(tmp_path / "data" / "train_annotations.json"),
+                                 eval_questions=eval_q, eval_annotations=eval_a)
+
+    def pipeline(beam_size=2):
+        run = IclSelectionRunSettings(
+            task="lever_icl_selection", output_dir=str(tmp_path / "out"), progress_bar=False,
+            embed=EmbedSettings(encoder="transformers", path=str(tmp_path / "unused"), modality="text"),
+            vlm=VlmSettings(kind="causal_lm", path=str(tmp_path / "lm"), device="cpu", score_eos=False),
+            beam_search=BeamSearchSettings(num_queries=5, pool_size=4, beam_size=beam_size, shots=2),
+        )
+        return IclPipeline(run, data, str(tmp_path / "out"))
+
+    path = pipeline().beam_search()
+    beams = json.loads(open(path).read())
+    pools = json.loads(open(tmp_path / "out" / "beam_search" / "pools.json").read())
+    assert len(beams) == 5 and set(beams) == set(pools)
+    assert all(len(pools[q]) == 4 and int(q) not in pools[q] and set(pools[q]) <= set(support.question_ids) for q in beams)
+    assert all(len(b["icds"]) == len(b["scores"]) == 2 and max(b["icds"]) < 4 for b in beams.values())
+    part = bs.part_path(str(tmp_path / "out" / "beam_search"), 0)
+    stamp = os.path.getmtime(part)
+    assert pipeline().beam_search() == path and os.path.getmtime(part) == stamp  # done: nothing recomputed
+    with pytest.raises(IclDataError) as info:
+        pipeline(beam_size=3).beam_search()
+    assert str(tmp_path / "out" / "beam_search") in str(info.value) and "beam_search.beam_size: 2 -> 3" in str(info.value)
+    os.utime(tmp_path / "lm" / "model.safetensors", (1, 1))  # the scorer was replaced
+    with pytest.raises(IclDataError, match="vlm.files"):
+        pipeline().beam_search()

@@ -8,7 +8,6 @@ import random
 
 import pytest
 import torch
-import yaml
 from click.testing import CliRunner
 
 from _icl_helpers import tiny_causal_lm, write_vqa_files

@@ -43,9 +43,19 @@ MANIFEST = "manifest.json"
 SELECTIONS_FILE = "selections.json"
 
 
-def _file_identity(path: str) -> dict:
-    stat = os.stat(path)
-    return {"path": os.path.abspath(path), "size": stat.st_size, "mtime": int(stat.st_mtime)}
+def model_identity(folder: str) -> list:
+    """``[name, size, mtime]`` of a model folder's weight and config files: a retrained or replaced
+    model makes earlier beam-search scores and predictions stale."""
+    suffixes = (".safetensors", ".bin", ".pt", ".pth", ".json")
+    if not os.path.isdir(folder):
+        return []
+    out = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.endswith(suffixes) and os.path.isfile(path):
+            stat = os.stat(path)
+            out.append([name, stat.st_size, int(stat.st_mtime)])
+    return out
 
 
 class IclPipeline:
@@ -160,7 +170,8 @@ class IclPipeline:
         vlm = self.run.vlm
         fingerprint: dict[str, Any] = {
             "beam_search": self.run.beam_search.to_dict(),
-            "vlm": {"kind": vlm.kind, "path": os.path.abspath(self.vlm_path()), "instruction": vlm.instruction,
+            "vlm": {"kind": vlm.kind, "path": os.path.abspath(self.vlm_path()), "files": model_identity(self.vlm_path()),
+                    "instruction": vlm.instruction,
                     "icd_template": vlm.icd_template, "query_template": vlm.query_template, "separator": vlm.separator,
                     "score_eos": vlm.score_eos, "use_images": vlm.use_images, "max_pixels": vlm.max_pixels},
             "train_questions": len(self.train),
@@ -279,7 +290,8 @@ class IclPipeline:
         vlm_settings = self.run.vlm.to_dict()
         for key in ("device", "batch_size", "dtype"):
             vlm_settings.pop(key)
-        fingerprint = {"select": select_manifest["fingerprint"], "vlm": vlm_settings, "vlm_path": os.path.abspath(self.vlm_path())}
+        fingerprint = {"select": select_manifest["fingerprint"], "vlm": vlm_settings, "vlm_path": os.path.abspath(self.vlm_path()),
+                       "vlm_files": model_identity(self.vlm_path())}
         manifest_path = os.path.join(self.eval_dir, MANIFEST)
         if os.path.isfile(manifest_path) and read_json(manifest_path, "evaluate manifest").get("fingerprint") != fingerprint:
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
