@@ -16,6 +16,7 @@ import sys
 from types import SimpleNamespace
 from typing import Optional
 
+from lever_plugins.io import write_text_atomic
 from lever_plugins.recipes import ResolvedRecipe
 from lever_plugins.schema import RecipeError
 
@@ -26,13 +27,6 @@ RUN_MARKERS = (RECIPE_FILE, "checkpoint_last.pth", "checkpoint_best.pth", "metri
 
 class LaunchError(RuntimeError):
     """A problem found before or while running (bad output dir, missing data, non-finite loss...)."""
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 def prepare_output_dir(resolved: ResolvedRecipe, *, resume: bool, overwrite: bool) -> str:
@@ -57,7 +51,7 @@ def prepare_output_dir(resolved: ResolvedRecipe, *, resume: bool, overwrite: boo
         shutil.move(output_dir, aside)
         logging.getLogger(__name__).warning("moved the previous run in %s to %s", output_dir, aside)
     os.makedirs(output_dir, exist_ok=True)
-    _atomic_write(os.path.join(output_dir, RECIPE_FILE), resolved.to_yaml())
+    write_text_atomic(os.path.join(output_dir, RECIPE_FILE), resolved.to_yaml())
     return output_dir
 
 

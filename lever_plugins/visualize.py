@@ -12,12 +12,13 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from lever_plugins.io import atomic_output
 
 __all__ = ["render_gate_heatmap", "save_gate_heatmaps", "SCALE_WIDTH"]
 
@@ -227,14 +228,7 @@ def save_gate_heatmaps(
             colorbar=colorbar,
         )
         target = directory / f"{stem}.png"
-        handle, temp_name = tempfile.mkstemp(dir=directory, prefix=f".{stem}.", suffix=".png.tmp")
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                picture.save(stream, format="PNG")
-            os.replace(temp_name, target)
-        except BaseException:
-            if os.path.exists(temp_name):
-                os.unlink(temp_name)
-            raise
+        with atomic_output(target) as temp_name, open(temp_name, "wb") as stream:
+            picture.save(stream, format="PNG")
         written.append(target)
     return written

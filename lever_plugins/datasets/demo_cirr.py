@@ -40,11 +40,12 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Union
 
 from PIL import Image, ImageDraw
+
+from lever_plugins.io import write_bytes_atomic, write_json_atomic
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 COLOURS = {
@@ -131,18 +132,8 @@ def _near_misses(target: Combo) -> list[Combo]:
     )
 
 
-def render_image(combo: Combo, image_size: int, rng: random.Random, supersample: int = 4) -> Image.Image:
-    """Draw one shape; ``rng`` supplies the jitter (centre, size, background shade)."""
-    shape, colour, position = combo
-    big = image_size * supersample
-    shade = rng.randint(225, 250)
-    image = Image.new("RGB", (big, big), (shade, shade, shade))
-    draw = ImageDraw.Draw(image)
-    fx, fy = _POSITION_CENTRES[position]
-    cx = (fx + rng.uniform(-0.04, 0.04)) * big
-    cy = (fy + rng.uniform(-0.04, 0.04)) * big
-    r = rng.uniform(0.15, 0.19) * big
-    fill = COLOURS[colour]
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: Any) -> None:
+    """Draw one of :data:`SHAPES` centred at ``(cx, cy)`` with radius ``r`` (pixels)."""
     if shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
     elif shape == "square":
@@ -156,27 +147,27 @@ def render_image(combo: Combo, image_size: int, rng: random.Random, supersample:
         arm = r * 0.33
         draw.rectangle((cx - r, cy - arm, cx + r, cy + arm), fill=fill)
         draw.rectangle((cx - arm, cy - r, cx + arm, cy + r), fill=fill)
-    else:  # pragma: no cover - SHAPES is closed
-        raise ValueError(f"unknown shape {shape!r}")
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
+
+
+def render_image(combo: Combo, image_size: int, rng: random.Random, supersample: int = 4) -> Image.Image:
+    """Draw one shape; ``rng`` supplies the jitter (centre, size, background shade)."""
+    shape, colour, position = combo
+    big = image_size * supersample
+    shade = rng.randint(225, 250)
+    image = Image.new("RGB", (big, big), (shade, shade, shade))
+    draw = ImageDraw.Draw(image)
+    fx, fy = _POSITION_CENTRES[position]
+    cx = (fx + rng.uniform(-0.04, 0.04)) * big
+    cy = (fy + rng.uniform(-0.04, 0.04)) * big
+    r = rng.uniform(0.15, 0.19) * big
+    draw_shape(draw, shape, cx, cy, r, COLOURS[colour])
     return image.resize((image_size, image_size), Image.Resampling.BOX)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    # Same bytes from every writer, each file replaced whole: concurrent generators cannot corrupt it.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-
-
 def _write_json(path: Path, payload: Any) -> None:
-    _write_atomic(path, (json.dumps(payload, indent=1) + "\n").encode("utf-8"))
+    write_json_atomic(path, payload, indent=1)
 
 
 def _image_name(split: str, combo: Combo, render: int) -> str:
@@ -203,7 +194,7 @@ def _render_split(root: Path, split: str, renders: int, image_size: int, seed: i
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
             relative = _relative_path(split, combo_index, name)
-            _write_atomic(root / relative, buffer.getvalue())
+            write_bytes_atomic(root / relative, buffer.getvalue())
             relpaths[name] = relative
             names[combo].append(name)
     _write_json(root / "image_splits" / f"split.rc2.{split}.json", relpaths)
@@ -263,7 +254,7 @@ def write_vocab(path: PathLike) -> Path:
     tokens = list(_SPECIAL_TOKENS) + list(_PUNCTUATION) + letters + [f"##{ch}" for ch in letters]
     tokens += [w for w in caption_words() if w not in tokens]
     out = Path(path)
-    _write_atomic(out, ("\n".join(tokens) + "\n").encode("utf-8"))
+    write_bytes_atomic(out, ("\n".join(tokens) + "\n").encode("utf-8"))
     return out
 
 

@@ -28,13 +28,13 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Union
 
 from PIL import Image, ImageDraw
 
-from lever_plugins.datasets.demo_cirr import COLOURS, SHAPES
+from lever_plugins.datasets.demo_cirr import COLOURS, SHAPES, draw_shape
+from lever_plugins.io import write_bytes_atomic, write_json_atomic
 
 POSITIONS = ("left", "top", "right", "bottom")  # also the order objects are listed in a dense caption
 PLACE_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
@@ -94,41 +94,12 @@ def render_objects(objects: list[DemoObject], image_size: int, rng: random.Rando
         cx = (fx + rng.uniform(-0.03, 0.03)) * big
         cy = (fy + rng.uniform(-0.03, 0.03)) * big
         r = rng.uniform(0.13, 0.16) * big
-        fill = COLOURS[colour]
-        if shape == "circle":
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        elif shape == "square":
-            half = r * 0.85
-            draw.rectangle((cx - half, cy - half, cx + half, cy + half), fill=fill)
-        elif shape == "triangle":
-            draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=fill)
-        elif shape == "diamond":
-            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
-        elif shape == "cross":
-            arm = r * 0.33
-            draw.rectangle((cx - r, cy - arm, cx + r, cy + arm), fill=fill)
-            draw.rectangle((cx - arm, cy - r, cx + arm, cy + r), fill=fill)
-        else:  # pragma: no cover - SHAPES is closed
-            raise ValueError(f"unknown shape {shape!r}")
+        draw_shape(draw, shape, cx, cy, r, COLOURS[colour])
     return image.resize((image_size, image_size), Image.Resampling.BOX)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    # Each file replaced whole: a killed or concurrent generator never leaves a half-written file.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-
-
 def _write_json(path: Path, payload: Any) -> None:
-    _write_atomic(path, (json.dumps(payload, indent=1) + "\n").encode("utf-8"))
+    write_json_atomic(path, payload, indent=1)
 
 
 def _read_marker(root: Path) -> Any:
@@ -147,7 +118,7 @@ def _generate_split(root: Path, split: str, count: int, image_size: int, seed: i
         relative = f"{split}/{name}.png"
         buffer = io.BytesIO()
         render_objects(objects, image_size, random.Random(f"{seed}:{name}:render")).save(buffer, format="PNG")
-        _write_atomic(root / "images" / relative, buffer.getvalue())
+        write_bytes_atomic(root / "images" / relative, buffer.getvalue())
         captions: list[str] = []
         while len(captions) < CAPTIONS_PER_IMAGE:  # five different captions (there are always more than five)
             caption = short_caption(objects, rng)

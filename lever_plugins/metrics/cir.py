@@ -14,14 +14,14 @@ agree on the same similarity matrix.
 """
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence, Union
 
 import numpy as np
 import torch
+
+from lever_plugins.io import write_json_atomic
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
@@ -257,18 +257,6 @@ def cirr_submission(
     return recall, recall_subset
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(payload, stream)
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-
-
 def write_cirr_submission(
     out_dir: Union[str, os.PathLike],
     sims: ArrayLike,
@@ -297,6 +285,6 @@ def write_cirr_submission(
     directory.mkdir(parents=True, exist_ok=True)
     recall_path = directory / f"recall_submission_{name}.json"
     subset_path = directory / f"recall_subset_submission_{name}.json"
-    _write_json_atomic(recall_path, recall)
-    _write_json_atomic(subset_path, recall_subset)
+    write_json_atomic(recall_path, recall)
+    write_json_atomic(subset_path, recall_subset)
     return recall_path, subset_path

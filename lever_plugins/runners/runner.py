@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lever_plugins.compat import import_lavis
+from lever_plugins.io import atomic_output, write_text_atomic
 
 import_lavis()
 
@@ -47,9 +48,8 @@ BEST_CHECKPOINT = "checkpoint_best.pth"
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _rng_state() -> dict:
@@ -396,10 +396,8 @@ class LeverRunner(RunnerBase):
 
     def _write_metric_records(self, records: list[dict]) -> None:
         for suffix, writer in (("jsonl", _write_jsonl), ("csv", _write_csv)):
-            path = self._metrics_path(suffix)
-            tmp = f"{path}.tmp"
-            writer(tmp, records)
-            os.replace(tmp, path)
+            with atomic_output(self._metrics_path(suffix)) as tmp:
+                writer(tmp, records)
 
     def _truncate_metrics(self, start_epoch: int) -> None:
         """Drop records of epochs that will be re-run, so a resumed log has no duplicates."""
@@ -448,9 +446,7 @@ class LeverRunner(RunnerBase):
 
             plain = OmegaConf.to_container(self.config.config, resolve=True)
             recipe = {key: plain[key] for key in ("model", "datasets", "run") if key in plain}
-            with open(f"{recipe_path}.tmp", "w", encoding="utf-8") as handle:
-                yaml.safe_dump(recipe, handle, sort_keys=False)
-            os.replace(f"{recipe_path}.tmp", recipe_path)
+            write_text_atomic(recipe_path, yaml.safe_dump(recipe, sort_keys=False))
 
         with open(os.path.join(self.output_dir, "log.txt"), "a", encoding="utf-8") as handle:
             handle.write(json.dumps(OmegaConf.to_container(self.config.config, resolve=True), indent=4) + "\n")

@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -40,6 +39,7 @@ from lever_plugins.runners import distributed as lever_dist
 from lever_plugins.schema import RecipeError
 from lever_plugins.schemas.seps_retrieval import Blip2SepsSettings, SepsRetrievalRunSettings
 from lever_plugins.tasks.base import LeverTask, model_device, to_plain
+from lever_plugins.io import atomic_output
 
 logger = logging.getLogger(__name__)
 
@@ -326,13 +326,6 @@ def plot_loss_curves(metrics_path: os.PathLike, out_path: os.PathLike, target_ra
             axis.legend(fontsize=7)
     figure.tight_layout()
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".png", dir=out_path.parent)
-    os.close(handle)
-    try:
-        figure.savefig(tmp_name, dpi=110)
-        os.replace(tmp_name, out_path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+    with atomic_output(out_path) as tmp_name:
+        figure.savefig(tmp_name, dpi=110, format="png")
     return out_path
