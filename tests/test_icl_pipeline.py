@@ -346,3 +346,14 @@ def test_centring_uses_the_supporting_set_mean_for_queries_and_candidates():
     assert out["eval_query"].tolist() == [[0.0, 1.0]]  # the training queries' mean, not its own
     assert out["train_candidate"].tolist() == [[0.0, -1.0], [0.0, 1.0]]
     assert features.finish_tables(raw, center=False, normalize=True)["eval_query"].norm().item() == pytest.approx(1.0)
+
+
+def test_block_mismatches_stop_the_run_before_any_stage(tmp_path):
+    result = CliRunner().invoke(main, [
+        "run", DEMO, "--set", f"run.output_dir={tmp_path / 'out'}", "--set", f"datasets.lever_vqa_icl.root={tmp_path / 'demo'}",
+        "--set", "run.beam_search.pool_size=16", "--set", "model.d_model=32",
+    ])
+    assert result.exit_code == 2, result.output
+    assert "model.K: 32 must equal run.beam_search.pool_size (16)" in result.output
+    assert "model.d_model: 32 must equal the feature width, run.embed.blip2.qformer.hidden_size (64)" in result.output
+    assert not (tmp_path / "demo").exists() and not (tmp_path / "out" / "embed").exists()

@@ -8,6 +8,23 @@ from lever_plugins.schemas.icl import STAGES
 DATASET_NAME = "lever_vqa_icl"
 
 
+def cross_block_problems(data: dict) -> list[str]:
+    """Problems between the ``model:`` and ``run:`` blocks of a resolved recipe (checked before any stage runs)."""
+    model, run = data["model"], data["run"]
+    problems = []
+    pool_size = run["beam_search"]["pool_size"]
+    if model["K"] != pool_size:
+        problems.append(f"model.K: {model['K']} must equal run.beam_search.pool_size ({pool_size}), the candidates per query")
+    shots = max(run["evaluation"]["shots"])
+    if "pointer" in run["evaluation"]["methods"] and shots > model["shot_num"]:
+        problems.append(f"model.shot_num: {model['shot_num']} is fewer than the {shots} shots run.evaluation.shots asks for")
+    embed = run["embed"]
+    if embed["encoder"] == "blip2" and model["d_model"] != embed["blip2"]["qformer"]["hidden_size"]:
+        problems.append(f"model.d_model: {model['d_model']} must equal the feature width, "
+                        f"run.embed.blip2.qformer.hidden_size ({embed['blip2']['qformer']['hidden_size']})")
+    return problems
+
+
 def describe_icl_plan(data: dict) -> list[str]:
     """Dry-run lines for a ``lever_icl_selection`` recipe: stages, what each writes, sizes (no torch)."""
     model, run = data["model"], data["run"]
@@ -34,4 +51,5 @@ def describe_icl_plan(data: dict) -> list[str]:
                      f"{os.path.join(output_dir, 'evaluate')}/vqa_accuracy.{{md,csv,png}}"),
     }
     lines.extend(f"#   {plan[stage]}" for stage in STAGES if stage in run["stages"])
+    lines.extend(f"#   PROBLEM: {problem}" for problem in cross_block_problems(data))
     return lines

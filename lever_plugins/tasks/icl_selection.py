@@ -75,6 +75,14 @@ class IclSelectionTask(LeverTask):
         return pipeline
 
     def build_datasets(self, cfg):
+        from lever_plugins.icl.plan import cross_block_problems
+        from lever_plugins.models.pointer_selector import settings_from_block
+
+        # Before any stage runs: a K / shot_num / width mismatch found after hours of beam search is no use.
+        model = settings_from_block(cfg.model_cfg).to_dict()
+        problems = cross_block_problems({"model": model, "run": self.settings.to_dict()})
+        if problems:
+            raise RecipeError(problems)
         pipeline = self.pipeline = self.make_pipeline(cfg)
         stages = self.settings.stages
         pipeline.prepare_data()
