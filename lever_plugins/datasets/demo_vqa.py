@@ -34,7 +34,9 @@ import os
 import random
 import shutil
 import tempfile
-from typing import Any, Optional, Union
+from typing import Optional, Union
+
+from lever_plugins.io import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -106,13 +108,6 @@ def _split(subtype: str, count: int, first_image_id: int, colours: dict[str, str
         {**header, "task_type": "Open-Ended", "data_type": "mscoco", "questions": questions},
         {**header, "data_type": "mscoco", "annotations": annotations},
     )
-
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(obj, handle)
-    os.replace(tmp, path)
 
 
 def build_demo_tokenizer():
@@ -230,8 +225,8 @@ def generate_demo_vqa(
     rng = random.Random(f"data:{seed}")
     for subtype, count, first in ((TRAIN_SUBTYPE, num_train, 100_000), (EVAL_SUBTYPE, num_eval, 900_000)):
         questions, annotations = _split(subtype, count, first, colours, rng)
-        _write_json(os.path.join(root, QUESTIONS_FILE.format(subtype=subtype)), questions)
-        _write_json(os.path.join(root, ANNOTATIONS_FILE.format(subtype=subtype)), annotations)
+        write_json_atomic(os.path.join(root, QUESTIONS_FILE.format(subtype=subtype)), questions)
+        write_json_atomic(os.path.join(root, ANNOTATIONS_FILE.format(subtype=subtype)), annotations)
     staging = tempfile.mkdtemp(prefix=".tiny_lm-", dir=root)
     try:
         stats = train_demo_lm(staging, steps=lm_steps, seed=seed)
@@ -243,7 +238,7 @@ def generate_demo_vqa(
             shutil.rmtree(staging)
     logger.info("demo VQA: %d + %d questions and a tiny LM (%s parameters, final loss %.3f) in %s",
                 num_train, num_eval, f"{stats['parameters']:,}", stats["final_loss"], root)
-    _write_json(marker, {"params": params, "object_colours": colours, "lm": stats})
+    write_json_atomic(marker, {"params": params, "object_colours": colours, "lm": stats})
     return paths
 
 

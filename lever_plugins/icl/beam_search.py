@@ -29,8 +29,9 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-from lever_plugins.icl.data import VqaExample, VqaSplit, append_jsonl, atomic_write_json, read_jsonl
+from lever_plugins.icl.data import VqaExample, VqaSplit, append_jsonl, read_jsonl
 from lever_plugins.icl.vlm import IclPrompt, VqaVlm, score_from_nll
+from lever_plugins.io import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -217,5 +218,5 @@ def merge_beam_parts(out_dir: str, query_ids: Sequence[int]) -> Optional[str]:
         return None
     merged = {str(q): {"icds": done[q]["icds"], "scores": done[q]["scores"]} for q in sorted(query_ids)}
     path = os.path.join(out_dir, BEAMS_FILE)
-    atomic_write_json(path, merged)
+    write_json_atomic(path, merged)
     return path

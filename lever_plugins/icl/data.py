@@ -81,25 +81,6 @@ def read_json(path: str, what: str) -> Any:
         raise IclDataError(f"{path}: {what} file is not valid JSON ({exc})") from None
 
 
-def atomic_write_json(path: str, obj: Any, indent: Optional[int] = None) -> None:
-    """Write JSON through a temporary file and ``os.replace`` (a kill never leaves half a file)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(obj, handle, indent=indent)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def _as_int(value: Any, path: str, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise IclDataError(f"{path}: {what} must be an integer, got {value!r}")

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lever_plugins.icl.data import IclDataError, VqaExample, VqaSplit, atomic_write_json, read_json
+from lever_plugins.icl.data import IclDataError, VqaExample, VqaSplit, read_json
+from lever_plugins.io import atomic_output, write_json_atomic
 from lever_plugins.schema import expand_path
 from lever_plugins.schemas.icl import EmbedSettings
 
@@ -220,9 +221,8 @@ def encode_table(
             if bar is not None:
                 bar.update(len(batch))
         features = torch.cat(chunks)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        torch.save(features, tmp)
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            torch.save(features, tmp)
         parts.append(features)
     if bar is not None:
         bar.close()
@@ -300,7 +300,7 @@ def embed_stage(
     if manifest is not None and manifest.get("complete") and all(os.path.isfile(table_path(cache_dir, t)) for t in TABLES):
         logger.info("embed: reusing the features in %s", cache_dir)
         return load_tables(cache_dir)
-    atomic_write_json(os.path.join(cache_dir, MANIFEST), {"fingerprint": fingerprint, "complete": False}, indent=2)
+    write_json_atomic(os.path.join(cache_dir, MANIFEST), {"fingerprint": fingerprint, "complete": False}, indent=2)
     encoder = build_encoder(settings)
     logger.info("embed: %s features (%s, d=%d) into %s", settings.encoder, settings.modality, encoder.dim, cache_dir)
     raw: dict[str, torch.Tensor] = {}
@@ -318,11 +318,10 @@ def embed_stage(
     tables = {}
     for name, values in finished.items():
         tables[name] = {"question_ids": torch.tensor(ids[name], dtype=torch.long), "embeddings": values.contiguous()}
-        tmp = f"{table_path(cache_dir, name)}.tmp-{os.getpid()}"
-        torch.save(tables[name], tmp)
-        os.replace(tmp, table_path(cache_dir, name))
+        with atomic_output(table_path(cache_dir, name)) as tmp:
+            torch.save(tables[name], tmp)
     dims = {name: int(t["embeddings"].shape[1]) for name, t in tables.items()}
-    atomic_write_json(
+    write_json_atomic(
         os.path.join(cache_dir, MANIFEST),
         {"fingerprint": fingerprint, "complete": True, "dim": dims["train_query"],
          "tables": {name: {"file": os.path.basename(table_path(cache_dir, name)), "count": int(t["embeddings"].shape[0])}

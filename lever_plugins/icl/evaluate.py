@@ -25,8 +25,9 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-from lever_plugins.icl.data import VqaSplit, append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from lever_plugins.icl.data import VqaSplit, append_jsonl, read_jsonl
 from lever_plugins.icl.vlm import IclPrompt, VqaVlm
+from lever_plugins.io import atomic_output, write_json_atomic, write_text_atomic
 from lever_plugins.metrics.vqa import vqa_accuracy
 
 logger = logging.getLogger(__name__)
@@ -193,10 +194,9 @@ def plot_accuracy(rows: Sequence[Mapping], path: str, title: str = "VQA accuracy
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    figure.savefig(tmp)
+    with atomic_output(path) as tmp:
+        figure.savefig(tmp, format="png")
     plt.close(figure)
-    os.replace(tmp, path)
     return path
 
 
@@ -209,8 +209,8 @@ def write_report(rows: Sequence[Mapping], out_dir: str) -> dict[str, str]:
         "png": os.path.join(out_dir, "vqa_accuracy.png"),
         "summary": os.path.join(out_dir, "summary.json"),
     }
-    atomic_write_text(paths["markdown"], markdown)
-    atomic_write_text(paths["csv"], csv_text)
+    write_text_atomic(paths["markdown"], markdown)
+    write_text_atomic(paths["csv"], csv_text)
     plot_accuracy(rows, paths["png"])
-    atomic_write_json(paths["summary"], {"rows": list(rows)}, indent=2)
+    write_json_atomic(paths["summary"], {"rows": list(rows)}, indent=2)
     return paths

@@ -31,9 +31,9 @@ from lever_plugins.icl import beam_search as beams
 from lever_plugins.icl import embed as features
 from lever_plugins.icl import evaluate as icl_eval
 from lever_plugins.icl.data import (
-    BeamEntry, IclDataError, VqaSplit, atomic_write_json, load_beam_files, load_vqa_split, read_json,
-    split_by_question_id,
+    BeamEntry, IclDataError, VqaSplit, load_beam_files, load_vqa_split, read_json, split_by_question_id,
 )
+from lever_plugins.io import write_json_atomic
 from lever_plugins.schema import expand_path
 from lever_plugins.schemas.icl import IclSelectionRunSettings, VqaIclDatasetSettings
 
@@ -192,10 +192,10 @@ class IclPipeline:
             os.makedirs(self.beam_dir, exist_ok=True)
             manifest = features.check_manifest(self.beam_dir, fingerprint, "beam-search results", hint)
             if manifest is None:
-                atomic_write_json(os.path.join(self.beam_dir, MANIFEST), {"fingerprint": fingerprint}, indent=2)
+                write_json_atomic(os.path.join(self.beam_dir, MANIFEST), {"fingerprint": fingerprint}, indent=2)
             if not os.path.isfile(pools_path):
                 pools = self.pools(query_ids, "train_query")
-                atomic_write_json(pools_path, {str(q): pools[q] for q in query_ids})
+                write_json_atomic(pools_path, {str(q): pools[q] for q in query_ids})
         self.barrier()
         if os.path.isfile(beams_path):
             logger.info("beam search: reusing %s", beams_path)
@@ -272,9 +272,9 @@ class IclPipeline:
                     selector, query_ids, query_emb, pools, {q: i for i, q in enumerate(cand_ids)},
                     tables["train_candidate"]["embeddings"],
                 )
-                atomic_write_json(os.path.join(self.select_dir, "eval_pools.json"), {str(q): pools[q] for q in query_ids})
-        atomic_write_json(path, {m: {str(q): v for q, v in sel.items()} for m, sel in selections.items()})
-        atomic_write_json(manifest_path, {"fingerprint": fingerprint, "query_ids": query_ids}, indent=2)
+                write_json_atomic(os.path.join(self.select_dir, "eval_pools.json"), {str(q): pools[q] for q in query_ids})
+        write_json_atomic(path, {m: {str(q): v for q, v in sel.items()} for m, sel in selections.items()})
+        write_json_atomic(manifest_path, {"fingerprint": fingerprint, "query_ids": query_ids}, indent=2)
         logger.info("select: %d evaluation queries, methods %s -> %s", len(query_ids), ", ".join(selections), path)
         return selections
 
@@ -299,7 +299,7 @@ class IclPipeline:
             shutil.move(self.eval_dir, aside)
             logger.warning("evaluate: selections or VLM changed; the previous predictions were moved to %s", aside)
         os.makedirs(self.eval_dir, exist_ok=True)
-        atomic_write_json(manifest_path, {"fingerprint": fingerprint}, indent=2)
+        write_json_atomic(manifest_path, {"fingerprint": fingerprint}, indent=2)
         rows = icl_eval.evaluate_vqa(
             self.vlm(), self.eval_split, self.train, query_ids,
             {m: selections[m] for m in self.run.evaluation.methods if m in selections},

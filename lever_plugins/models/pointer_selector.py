@@ -14,7 +14,6 @@ teacher, which stays frozen and is not part of this model's state dict.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Mapping, Optional
 
 import torch
@@ -52,26 +51,11 @@ def selector_config(settings: PointerSelectorSettings):
     return PointerSelectorV1Config(**values)
 
 
-def _plain(cfg: Any) -> dict:
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover
-        pass
-    return dict(cfg)
-
-
 def settings_from_block(block: Mapping) -> PointerSelectorSettings:
     """Validate a ``model:`` block (preset merged under it); a :class:`RecipeError` lists every problem."""
-    from lever_plugins.recipes import resolve_model_block
+    from lever_plugins.recipes import model_settings_from_config
 
-    problems: list[str] = []
-    settings = resolve_model_block(_plain(block), problems)
-    if problems:
-        raise RecipeError(problems)
-    return settings
+    return model_settings_from_config(block)
 
 
 def load_checkpoint_weights(path: str) -> dict:
@@ -83,10 +67,7 @@ def load_checkpoint_weights(path: str) -> dict:
 class PointerSelectorModel(BaseModel):
     """Registered as ``lever_pointer_selector``; ``self.selector`` is the pure-torch selector."""
 
-    PRETRAINED_MODEL_CONFIG_DICT = {
-        name: os.path.join(catalog.CONFIG_ROOT, "models", f"lever_pointer_selector_{name}.yaml")
-        for name in ("v1", "v2", "v3")
-    }
+    PRETRAINED_MODEL_CONFIG_DICT = catalog.preset_config_paths("lever_pointer_selector")
 
     def __init__(self, settings: PointerSelectorSettings):
         super().__init__()
