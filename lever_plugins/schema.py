@@ -99,6 +99,9 @@ def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
                 return None
             problems.append(f"{path}: expected {_type_name(tp)}, got null")
             return None
+        non_null = [arg for arg in args if arg is not type(None)]
+        if len(non_null) == 1:  # Optional[X]: report X's own problems (e.g. inside a nested block)
+            return _convert(value, non_null[0], path, problems)
         for arg in args:
             if arg is type(None):
                 continue

@@ -108,3 +108,27 @@ def test_multistep_schedule_keeps_group_scales():
     assert optimizer.param_groups[1]["lr"] == pytest.approx(2e-5 * 0.3)
     schedule.step(cur_epoch=15, cur_step=0)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(2e-4 * 0.09)
+
+
+@pytest.mark.parametrize("name", ["linear_warmup_cosine_lr", "linear_warmup_step_lr", "lever_onecycle_lr", "lever_multistep_lr"])
+def test_every_schedule_a_recipe_accepts_exists_and_steps(name):
+    """Each lr_sched value the schema allows resolves in LAVIS's registry and gives a positive lr at default settings."""
+    import typing
+
+    import lever_plugins.registry  # noqa: F401
+    from lavis.common.registry import registry
+
+    allowed = typing.get_args(typing.get_type_hints(RunSettings)["lr_sched"])
+    assert name in allowed and len(allowed) == 4
+    settings = RunSettings(task="t", output_dir="/tmp/x", lr_sched=name, init_lr=1e-3, max_epoch=3,
+                           lr_milestones=[1] if name == "lever_multistep_lr" else [])
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = registry.get_lr_scheduler_class(name)(
+        optimizer=optimizer, max_epoch=settings.max_epoch, min_lr=settings.min_lr, init_lr=settings.init_lr,
+        decay_rate=settings.lr_decay_rate, warmup_start_lr=settings.warmup_lr, warmup_steps=settings.warmup_steps,
+        iters_per_epoch=4, milestones=settings.lr_milestones, gamma=settings.lr_gamma,
+    )
+    for epoch in range(3):
+        for step in range(4):
+            schedule.step(cur_epoch=epoch, cur_step=step)
+            assert 0 < optimizer.param_groups[0]["lr"] <= 1e-3 + 1e-12

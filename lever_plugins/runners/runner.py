@@ -176,7 +176,7 @@ class LeverRunner(RunnerBase):
                 max_epoch=self.max_epoch,
                 min_lr=float(self.run_cfg.get("min_lr", 0.0)),
                 init_lr=float(self.run_cfg.init_lr),
-                decay_rate=self.run_cfg.get("lr_decay_rate", None),
+                decay_rate=float(self.run_cfg.get("lr_decay_rate", 1.0)),
                 warmup_start_lr=float(self.run_cfg.get("warmup_lr", -1)),
                 warmup_steps=int(self.run_cfg.get("warmup_steps", 0)),
                 iters_per_epoch=len(self.train_loader),

@@ -19,13 +19,13 @@ class RunSettings(Settings):
 
     # optimisation
     lr_sched: Literal[
-        "linear_warmup_cosine_lr", "linear_warmup_step_lr", "constant_lr", "lever_onecycle_lr", "lever_multistep_lr"
-    ] = setting("linear_warmup_cosine_lr", help="learning-rate schedule: LAVIS's three, or ours (one-cycle, multi-step)")
+        "linear_warmup_cosine_lr", "linear_warmup_step_lr", "lever_onecycle_lr", "lever_multistep_lr"
+    ] = setting("linear_warmup_cosine_lr", help="learning-rate schedule: LAVIS 1.0.2's two, or ours (one-cycle, multi-step)")
     init_lr: float = setting(1e-5, help="peak learning rate", gt=0)
     min_lr: float = setting(0.0, help="final learning rate of the cosine schedule", ge=0)
     warmup_lr: float = setting(-1.0, help="start of the linear warm-up (-1: no warm-up)")
     warmup_steps: int = setting(0, help="linear warm-up steps", ge=0)
-    lr_decay_rate: Optional[float] = setting(None, help="per-epoch decay of linear_warmup_step_lr", gt=0)
+    lr_decay_rate: float = setting(1.0, help="per-epoch lr factor of linear_warmup_step_lr", gt=0)
     lr_milestones: list[int] = setting(default_factory=list, help="epochs at which lever_multistep_lr multiplies the lr by lr_gamma")
     lr_gamma: float = setting(0.1, help="lever_multistep_lr decay factor", gt=0)
     weight_decay: float = setting(0.05, help="AdamW weight decay (not applied to biases and norms)", ge=0)
