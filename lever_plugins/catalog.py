@@ -26,10 +26,18 @@ class PluginSpec:
     settings: Optional[str] = None  # "module:Class" of the settings dataclass (recipe schema)
     recipe_block: str = ""  # where in a recipe the settings live
     model_types: tuple[str, ...] = field(default=())  # for models: presets under configs/models/
+    # for tasks: "module:function" taking the resolved recipe dict, returning problems between blocks
+    cross_check: Optional[str] = None
 
     def load(self):
         module_name, attribute = self.target.split(":")
         return getattr(importlib.import_module(module_name), attribute)
+
+    def cross_block_problems(self, data: dict) -> list[str]:
+        if self.cross_check is None:
+            return []
+        module_name, attribute = self.cross_check.split(":")
+        return list(getattr(importlib.import_module(module_name), attribute)(data))
 
     def settings_class(self) -> Optional[type]:
         if self.settings is None:
@@ -142,6 +150,7 @@ PLUGINS: tuple[PluginSpec, ...] = (
         purpose="ICD selection pipeline: embed -> beam search (VLM scorer) -> train selector -> select -> VQA accuracy vs zero-shot/random/RICES",
         settings="lever_plugins.schemas.icl:IclSelectionRunSettings",
         recipe_block="run",
+        cross_check="lever_plugins.icl.plan:cross_block_problems",
     ),
 )
 

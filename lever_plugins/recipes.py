@@ -205,6 +205,8 @@ def resolve(recipe: Mapping, source: str = "<recipe>", *, check_paths: bool = Fa
     for name, settings in dataset_settings.items():
         if settings is not None:
             data["datasets"][name] = settings.to_dict()
+    if not problems:
+        problems.extend(catalog.get_plugin("task", data["run"]["task"]).cross_block_problems(data))
     if check_paths and not problems:
         problems.extend(path_problems(model_settings, "model"))
         for name, settings in dataset_settings.items():

@@ -186,3 +186,11 @@ def test_exponent_without_dot_is_a_number_but_words_are_not():
     assert resolved.data["model"]["gated_fusion"]["alpha_init"] == -100.0
     with pytest.raises(RecipeError, match="run.init_lr: expected a number, got str 'fast'"):
         load_recipe(DEMO, ["run.init_lr=fast"])
+
+
+def test_task_cross_checks_run_at_validate_time():
+    demo = os.path.join(REPO, "recipes", "demo", "icl_pointer.yaml")
+    assert load_recipe(demo) is not None
+    with pytest.raises(RecipeError) as info:
+        load_recipe(demo, ["model.K=7"])
+    assert any(p.startswith("model.K: 7 must equal run.beam_search.pool_size") for p in info.value.problems)
