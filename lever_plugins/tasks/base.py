@@ -156,7 +156,7 @@ class LeverTask(BaseTask):
             if progress is not None:
                 progress.update(1)
                 if step % max(1, log_freq // 10) == 0:
-                    progress.set_postfix(loss=f"{float(loss):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+                    progress.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         if progress is not None:
             progress.close()
         stats = {k: v / max(count, 1) for k, v in sums.items()}
