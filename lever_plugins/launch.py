@@ -45,14 +45,33 @@ def prepare_output_dir(resolved: ResolvedRecipe, *, resume: bool, overwrite: boo
             f"run.output_dir: {output_dir} already holds a run ({', '.join(existing)}); "
             "pass --resume to continue it or --overwrite to start afresh (old files are kept aside)"
         )
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     if existing and overwrite and not resume:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        aside = f"{output_dir.rstrip(os.sep)}.old-{stamp}"
+        aside = _free_name(f"{output_dir.rstrip(os.sep)}.old-{stamp}")
         shutil.move(output_dir, aside)
         logging.getLogger(__name__).warning("moved the previous run in %s to %s", output_dir, aside)
     os.makedirs(output_dir, exist_ok=True)
-    write_text_atomic(os.path.join(output_dir, RECIPE_FILE), resolved.to_yaml())
+    recipe_path = os.path.join(output_dir, RECIPE_FILE)
+    text = resolved.to_yaml()
+    if resume and os.path.isfile(recipe_path):
+        with open(recipe_path, encoding="utf-8") as handle:
+            previous = handle.read()
+        if previous != text:  # resuming with changed settings: keep the recipe the run started with
+            kept = _free_name(os.path.join(output_dir, f"recipe.before-resume-{stamp}.yaml"))
+            write_text_atomic(kept, previous)
+            logging.getLogger(__name__).warning("the recipe differs from the run's; the previous one is kept as %s", kept)
+    write_text_atomic(recipe_path, text)
     return output_dir
+
+
+def _free_name(path: str) -> str:
+    """``path``, or the first of ``path-2``, ``path-3``... (before a ``.yaml`` suffix) that does not exist."""
+    root, ext = os.path.splitext(path) if path.endswith(".yaml") else (path, "")
+    candidate, counter = path, 1
+    while os.path.exists(candidate):
+        counter += 1
+        candidate = f"{root}-{counter}{ext}"
+    return candidate
 
 
 def _setup_logging(output_dir: str, is_main: bool) -> None:

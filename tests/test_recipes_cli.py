@@ -194,3 +194,26 @@ def test_task_cross_checks_run_at_validate_time():
     with pytest.raises(RecipeError) as info:
         load_recipe(demo, ["model.K=7"])
     assert any(p.startswith("model.K: 7 must equal run.beam_search.pool_size") for p in info.value.problems)
+
+
+def test_output_dir_guard_keeps_everything(tmp_path):
+    from lever_plugins.launch import LaunchError, prepare_output_dir
+
+    out = tmp_path / "out"
+    first = load_recipe(DEMO, [f"run.output_dir={out}"])
+    prepare_output_dir(first, resume=False, overwrite=False)
+    (out / "checkpoint_last.pth").write_bytes(b"weights")
+    with pytest.raises(LaunchError, match="already holds a run"):
+        prepare_output_dir(first, resume=False, overwrite=False)
+
+    changed = load_recipe(DEMO, [f"run.output_dir={out}", "run.max_epoch=9"])
+    prepare_output_dir(changed, resume=True, overwrite=False)
+    kept = list(out.glob("recipe.before-resume-*.yaml"))
+    assert len(kept) == 1 and yaml.safe_load(kept[0].read_text())["run"]["max_epoch"] == 8
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["run"]["max_epoch"] == 9
+
+    prepare_output_dir(first, resume=False, overwrite=True)
+    prepare_output_dir(first, resume=False, overwrite=True)  # twice in the same second: two distinct asides
+    asides = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out.old-"))
+    assert len(asides) == 2
+    assert any((tmp_path / name / "checkpoint_last.pth").is_file() for name in asides)
