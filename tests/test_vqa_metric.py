@@ -24,9 +24,9 @@ def _loo_accuracy(num_answers: int, matches: int) -> float:
     [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)],
 )
 def test_leave_one_out_values_for_ten_annotators(matches, expected):
-    answers = ["two"] * matches + ["three"] * (10 - matches)
+    answers = ["2"] * matches + ["3"] * (10 - matches)
     assert _loo_accuracy(10, matches) == pytest.approx(expected)
-    assert vqa_accuracy("2", answers) == pytest.approx(expected)
+    assert vqa_accuracy("two", answers) == pytest.approx(expected)
 
 
 def test_number_word_prediction_matches_digit_answers():
@@ -73,11 +73,11 @@ def test_normalisation(raw, normalised):
     assert normalize_vqa_answer(raw) == normalised
 
 
-def test_prediction_and_answers_are_both_normalised_by_default():
+def test_full_gold_normalisation_is_opt_in():
     answers = ["The Dog"] * 3 + ["cat"] * 7
-    assert vqa_accuracy("dog", answers) == pytest.approx(0.9)
+    assert vqa_accuracy("dog", answers, official_gold_processing=False) == pytest.approx(0.9)
     # Officially gold answers only get the punctuation step: "The Dog" never equals "dog".
-    assert vqa_accuracy("dog", answers, official_gold_processing=True) == 0.0
+    assert vqa_accuracy("dog", answers) == 0.0
 
 
 def test_official_gold_processing_skips_punctuation_when_answers_agree():
@@ -85,7 +85,7 @@ def test_official_gold_processing_skips_punctuation_when_answers_agree():
     # The prediction becomes "t shirt"; gold answers get the punctuation step only when they differ.
     assert vqa_accuracy("t-shirt", ["t-shirt"] * 9 + ["no"], official_gold_processing=True) == 1.0
     assert vqa_accuracy("t-shirt", ["t-shirt"] * 10, official_gold_processing=True) == 0.0
-    assert vqa_accuracy("t-shirt", ["t-shirt"] * 10) == 1.0
+    assert vqa_accuracy("t-shirt", ["t-shirt"] * 10, official_gold_processing=False) == 1.0
 
 
 def test_single_answer_scores_zero_as_in_the_official_formula():
@@ -144,3 +144,16 @@ def test_accuracy_matches_the_official_lavis_procedure():
             per_annotator.append(min(1.0, sum(o == pred for o in others) / 3))
         expected = sum(per_annotator) / len(per_annotator)
         assert vqa_accuracy(prediction, answers, official_gold_processing=True) == pytest.approx(expected)
+
+
+def test_default_is_the_official_lavis_metric_for_unnormalised_gold_answers():
+    # VQAv2 annotation answers are not fully normalised (some keep "the ..." or capitals); the
+    # official (LAVIS vqa_tools) procedure gives gold answers only the punctuation step, so a
+    # prediction "dog" never matches "The Dog". The default must report that official number.
+    official = _official_vqa_eval()
+    answers = ["The Dog"] * 3 + ["the cat"] * 2 + ["cat"] * 5
+    for prediction in ("dog", "cat", "the cat"):
+        pred = official.processDigitArticle(official.processPunctuation(prediction))
+        gold = [official.processPunctuation(a) for a in answers]
+        expected = sum(min(1.0, sum(o == pred for o in gold[:i] + gold[i + 1 :]) / 3) for i in range(10)) / 10
+        assert vqa_accuracy(prediction, answers) == pytest.approx(expected)

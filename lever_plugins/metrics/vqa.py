@@ -17,10 +17,10 @@ Normalisation (:func:`normalize_vqa_answer`) follows the official evaluation, qu
    and common apostrophe-less contractions are restored (``"dont"`` -> ``"don't"``).
 
 Official gold-answer handling: only the punctuation step, and only when the answers are not all
-identical. The official VQAv2 annotation files already hold normalised answers, where this and full
-normalisation agree; :func:`vqa_accuracy` normalises gold answers fully by default so that raw
-answer lists (e.g. ``"Two"``) score sensibly, and ``official_gold_processing=True`` reproduces the
-official behaviour exactly.
+identical. :func:`vqa_accuracy` does exactly this by default (the number to report: VQAv2 annotation
+answers are not all fully normalised, e.g. some keep an article, so full gold normalisation would
+score higher than the official code); ``official_gold_processing=False`` normalises gold answers
+like the prediction, for raw answer lists (e.g. ``"Two"``).
 """
 from __future__ import annotations
 
@@ -109,15 +109,15 @@ def normalize_vqa_answer(answer: str) -> str:
     return vqa_digits_articles(vqa_punctuation(text))
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str], official_gold_processing: bool = False) -> float:
+def vqa_accuracy(prediction: str, answers: Sequence[str], official_gold_processing: bool = True) -> float:
     """VQA accuracy of one prediction against the human answers, as a fraction in [0, 1].
 
     Args:
         prediction: the model's answer (normalised here).
         answers: the human answers (10 in VQAv2; any number >= 1 works, e.g. OK-VQA's 5x2).
-        official_gold_processing: ``False`` (default) normalises the answers exactly like the
-            prediction; ``True`` applies only the punctuation step, and only when the answers
-            differ, as the official code does.
+        official_gold_processing: ``True`` (default) applies only the punctuation step to the
+            answers, and only when they differ, as the official code does; ``False`` normalises
+            the answers exactly like the prediction.
 
     Returns:
         ``mean_i min(1, #{j != i : answers[j] == prediction} / 3)``. With a single answer there is
