@@ -377,6 +377,23 @@ def test_from_settings_and_parameter_count():
     assert loss.margin == 0.3 and loss.max_violation
 
 
+@pytest.mark.parametrize(
+    "num_patches, sparse_ratio, aggr_ratio, keep, aggregated",
+    [
+        (100, 0.07, 0.5, 7, 3),  # 100 * 0.07 = 7.000000000000001 in floats: ceil must still give 7
+        (180, 0.5, 0.7, 90, 63),  # 180 * 0.7 * 0.5 = 62.99999999999999 in floats: int must still give 63
+        (196, 0.5, 0.4, 98, 39),  # the seed's ViT-224 setting: 39.2 -> 39
+        (49, 0.8, 0.6, 40, 23),  # Swin-224: ceil(39.2) = 40, int(23.52) = 23
+    ],
+)
+def test_keep_and_aggregated_counts_are_exact_not_float_rounded(num_patches, sparse_ratio, aggr_ratio, keep, aggregated):
+    settings = SepsHeadSettings(num_patches=num_patches, sparse_ratio=sparse_ratio, aggr_ratio=aggr_ratio)
+    assert (settings.num_keep, settings.num_aggregated) == (keep, aggregated)
+    head = CrossSparseAggrNet(
+        embed_size=C, num_patches=num_patches, sparse_ratio=sparse_ratio, aggr_ratio=aggr_ratio
+    )
+    assert head.num_keep == keep and head.sparse_aggregation[-1].out_features == aggregated
+
 # ---------------------------------------------------------------- SEPSLoss by hand
 
 S = torch.tensor(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Iterator
 
 from lever_plugins.schema import Settings, setting
@@ -27,6 +28,11 @@ AGGREGATION_HIDDEN_RATIO = 0.2
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _decimal(value: float) -> Fraction:
+    """The number as written (``0.07`` is 7/100), so that counts are not off by one through float rounding."""
+    return Fraction(repr(float(value)))
 
 
 @dataclass
@@ -75,12 +81,14 @@ class SepsHeadSettings(Settings):
     @property
     def num_keep(self) -> int:
         """Patches kept per pair: ``ceil(num_patches * sparse_ratio)``."""
-        return math.ceil(self.num_patches * self.sparse_ratio)
+        # Exact: in floats 100 * 0.07 = 7.000000000000001, whose ceil would keep 8.
+        return math.ceil(self.num_patches * _decimal(self.sparse_ratio))
 
     @property
     def num_aggregated(self) -> int:
         """Aggregated tokens per pair: ``int(num_patches * aggr_ratio * sparse_ratio)``."""
-        return int(self.num_patches * self.aggr_ratio * self.sparse_ratio)
+        # Exact: in floats 180 * 0.7 * 0.5 = 62.99999999999999, whose int would give 62.
+        return int(self.num_patches * _decimal(self.aggr_ratio) * _decimal(self.sparse_ratio))
 
     def extra_problems(self) -> Iterator[str]:
         if not all(_is_number(v) for v in (self.num_patches, self.sparse_ratio, self.aggr_ratio)):
