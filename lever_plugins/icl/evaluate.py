@@ -147,7 +147,8 @@ def evaluate_vqa(
                 bar.update(len(ids))
         if bar is not None:
             bar.close()
-        scores = [done[q]["accuracy"] for q in query_ids]
+        # Re-scored from the stored answers: predictions cached by an earlier run keep the metric current.
+        scores = [vqa_accuracy(done[q]["prediction"], list(eval_split[q].answers)) for q in query_ids]
         rows.append({"method": method, "shots": n, "accuracy": 100.0 * sum(scores) / len(scores), "num_queries": len(scores)})
     return rows
 
