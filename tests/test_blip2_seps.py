@@ -174,6 +174,16 @@ def test_settings_cross_check_patch_count_and_reject_typos():
         build(seps_head={"sparse_ratio": 1.5})
 
 
+
+def test_text_lengths_beyond_the_qformer_positions_are_rejected_up_front():
+    # Otherwise the first dense caption longer than 64 tokens crashes the run deep inside BERT's embeddings.
+    with pytest.raises(RecipeError) as info:
+        build(max_dense_txt_len=100, max_txt_len=65)
+    problems = info.value.problems
+    assert any("max_dense_txt_len" in p and "qformer.max_position_embeddings=64" in p for p in problems), problems
+    assert any("max_txt_len" in p and "qformer.max_position_embeddings=64" in p for p in problems), problems
+    assert build(max_dense_txt_len=64).max_dense_txt_len == 64
+
 def test_has_cls_false_feeds_patches_only():
     torch.manual_seed(0)
     model = build(seps_head={"has_cls": False})

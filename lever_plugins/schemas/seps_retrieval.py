@@ -63,6 +63,17 @@ class Blip2SepsSettings(Settings):
         return (self.vision.image_size // self.vision.patch_size) ** 2
 
     def extra_problems(self) -> Iterator[str]:
+        qformer = self.qformer
+        if isinstance(qformer, QformerSettings) and isinstance(qformer.max_position_embeddings, int):
+            positions = qformer.max_position_embeddings
+            for key in ("max_txt_len", "max_dense_txt_len"):
+                value = getattr(self, key)
+                # The text-only Q-Former pass has one position embedding per token: a longer text crashes in BERT.
+                if isinstance(value, int) and not isinstance(value, bool) and value > positions:
+                    yield (
+                        f"{key}: {value} tokens exceed qformer.max_position_embeddings={positions} "
+                        f"(the Q-Former's text positions); set {key} <= {positions}"
+                    )
         vision, head = self.vision, self.seps_head
         if not isinstance(vision, VisionSettings) or not isinstance(head, SepsHeadSettings):
             return
