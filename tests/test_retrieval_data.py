@@ -177,6 +177,18 @@ def test_missing_dense_caption_is_an_error_or_empty_by_policy(tmp_path, demo_roo
     assert "1 of 4 images" in caplog.text
 
 
+
+def test_blank_dense_caption_counts_as_missing(demo_root, caplog):
+    # A captioning run that failed on an image often leaves "" behind: under policy "error" that must not pass.
+    dense = load_dense_captions(demo_root / "dense_captions.json")
+    first = load_eval_annotations(demo_root / "annotations" / "val.json")[0].image
+    dense[first] = "  "
+    with pytest.raises(RetrievalDataError, match=f"no dense caption for image {re.escape(repr(first))}.*blank"):
+        _build(demo_root, "val", dense=dense)
+    with caplog.at_level(logging.WARNING):
+        dataset = _build(demo_root, "val", dense=dense, missing_dense_caption="empty")
+    assert dataset.dense_text[0] == "" and "1 of 4 images" in caplog.text
+
 def test_missing_and_undecodable_images(tmp_path, demo_root):
     root = tmp_path / "data"
     (root / "images").mkdir(parents=True)

@@ -168,28 +168,29 @@ def dense_captions_for(
         images: image paths as written in the annotation file (repeats allowed).
         dense: from :func:`load_dense_captions`.
         dense_path, annotation_path: for the messages.
-        policy: ``"error"``: an image without a dense caption raises; ``"empty"``: it gets ``""``
+        policy: ``"error"``: an image without a dense caption (absent or blank) raises; ``"empty"``: it gets ``""``
             (a warning counts them).
         policy_key: the recipe key named in the error's hint.
 
     Raises:
         RetrievalDataError: with ``policy="error"``, naming the first image without a dense caption.
     """
-    missing = [(i, image) for i, image in enumerate(images) if image not in dense]
+    # A blank entry (e.g. left by a failed captioning run) is as missing as an absent one.
+    missing = [(i, image) for i, image in enumerate(images) if not dense.get(image, "").strip()]
     if missing:
         distinct = len({image for _, image in missing})
         total = len(set(images))
         first_index, first_image = missing[0]
         if policy == "error":
             raise RetrievalDataError(
-                f"{dense_path}: no dense caption for image {first_image!r} ({annotation_path} entry {first_index}); "
-                f"{distinct} of {total} images lack one. Add them, or set {policy_key}: empty to use an empty dense caption"
+                f"{dense_path}: no dense caption for image {first_image!r} ({annotation_path} entry {first_index}; "
+                f"absent or blank); {distinct} of {total} images lack one. Add them, or set {policy_key}: empty to use an empty dense caption"
             )
         logger.warning(
             "%s: %d of %d images of %s have no dense caption; using an empty one (%s: empty)",
             dense_path, distinct, total, annotation_path, policy_key,
         )
-    return [dense.get(image, "") for image in images]
+    return [dense[image] if dense.get(image, "").strip() else "" for image in images]
 
 
 def check_images_exist(image_root: Path, images: Sequence[str], annotation_path: PathLike) -> None:
