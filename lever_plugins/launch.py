@@ -130,7 +130,8 @@ def launch(resolved: ResolvedRecipe, *, resume: bool, overwrite: bool, nproc: in
         output_dir = prepare_output_dir(resolved, resume=resume, overwrite=overwrite)
         _spawn(os.path.join(output_dir, RECIPE_FILE), nproc=nproc, resume=resume, debug=debug)
         return
-    lever_dist.init_from_env(device=resolved.data["run"].get("device", "auto"))
+    run = resolved.data["run"]
+    lever_dist.init_from_env(device=run["device"], timeout_s=run["dist_timeout_s"], init_method=run["dist_url"])
     problem: Optional[str] = None
     output_dir = resolved.output_dir()
     if os.environ.get(CHILD_ENV) != "1" and lever_dist.is_main_process():

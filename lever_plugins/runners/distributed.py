@@ -17,7 +17,7 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init_from_env(device: str = "auto", timeout_s: int = 1800) -> bool:
+def init_from_env(device: str = "auto", timeout_s: int = 7200, init_method: str = "env://") -> bool:
     """Initialise the default process group from torchrun's env vars; True if distributed."""
     if dist.is_available() and dist.is_initialized():
         return True
@@ -27,7 +27,8 @@ def init_from_env(device: str = "auto", timeout_s: int = 1800) -> bool:
     backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
         torch.cuda.set_device(local_rank())
-    dist.init_process_group(backend=backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(backend=backend, init_method=init_method, timeout=datetime.timedelta(seconds=timeout_s),
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     return True
 
 

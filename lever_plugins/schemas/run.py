@@ -58,6 +58,9 @@ class RunSettings(Settings):
     distributed: bool = setting(False, help="set automatically under torchrun / --nproc")
     world_size: int = setting(1, help="set automatically under torchrun / --nproc", ge=1)
     dist_url: str = setting("env://", help="torch.distributed init method")
+    dist_timeout_s: int = setting(
+        7200, help="seconds a rank waits at a collective (rank 0 alone embeds / writes data meanwhile)", ge=60
+    )
     find_unused_parameters: bool = setting(False, help="DDP's find_unused_parameters (needed only if some trainable weights get no gradient)")
 
     def extra_problems(self) -> Iterator[str]:
