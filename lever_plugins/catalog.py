@@ -125,6 +125,7 @@ PLUGINS: tuple[PluginSpec, ...] = (
         purpose="train with SEPSLoss (+ ITC), hard negatives after warm-up; i2t/t2i R@1/5/10 + rSum, all pairs or ITC re-ranking",
         settings="lever_plugins.schemas.seps_retrieval:SepsRetrievalRunSettings",
         recipe_block="run",
+        cross_check="lever_plugins.schemas.seps_retrieval:cross_block_problems",
     ),
     PluginSpec(
         kind="model",

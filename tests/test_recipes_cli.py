@@ -217,3 +217,13 @@ def test_output_dir_guard_keeps_everything(tmp_path):
     asides = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out.old-"))
     assert len(asides) == 2
     assert any((tmp_path / name / "checkpoint_last.pth").is_file() for name in asides)
+
+
+def test_cross_block_and_length_checks_of_the_other_plugins():
+    seps = os.path.join(REPO, "recipes", "demo", "flickr_seps.yaml")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(seps, ["model.seps_loss.max_violation=true", "run.warmup_epochs=1"])
+    assert info.value.problems[0].startswith("model.seps_loss.max_violation: true would be switched off")
+    assert load_recipe(seps, ["model.seps_loss.max_violation=true", "run.warmup_epochs=null"]) is not None
+    with pytest.raises(RecipeError, match="model.max_txt_len: 65 exceeds qformer.max_position_embeddings"):
+        load_recipe(DEMO, ["model.max_txt_len=65"])

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Iterator, Literal, Optional
 
 from lever_plugins.schema import Settings, setting
 from lever_plugins.schemas.blip2 import QformerSettings, VisionSettings
@@ -29,6 +29,11 @@ class Blip2CirSettings(Settings):
         None, help="local BLIP-2 checkpoint (e.g. blip2_pretrained.pth); only plugin/CIR-new keys may be missing", path="file"
     )
     finetuned: Optional[str] = setting(None, help="local checkpoint of this model to load after `pretrained`", path="file")
+
+    def extra_problems(self) -> Iterator[str]:
+        if self.max_txt_len > self.qformer.max_position_embeddings:
+            yield (f"max_txt_len: {self.max_txt_len} exceeds qformer.max_position_embeddings "
+                   f"({self.qformer.max_position_embeddings}), the text positions the Q-Former has")
 
 
 @dataclass(kw_only=True)

@@ -158,3 +158,16 @@ class SepsRetrievalRunSettings(RunSettings):
         16, help="all_pairs: images scored against every caption per head call (bounds memory with the head's pair_chunk_size)", ge=1
     )
     plot_loss_curves: bool = setting(True, help="after training, draw loss_curves.png from metrics.jsonl")
+
+
+def cross_block_problems(data: dict) -> list[str]:
+    """Problems between the ``model:`` and ``run:`` blocks of a resolved ``lever_seps_retrieval`` recipe."""
+    problems = []
+    warmup = data["run"].get("warmup_epochs")
+    if data["model"]["seps_loss"]["max_violation"] and warmup is not None:
+        problems.append(
+            f"model.seps_loss.max_violation: true would be switched off for the first run.warmup_epochs={warmup} "
+            "epoch(s); set it to false (hard negatives after the warm-up) or run.warmup_epochs: null (from the start)"
+        )
+    return problems
+
