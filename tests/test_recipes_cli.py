@@ -227,3 +227,16 @@ def test_cross_block_and_length_checks_of_the_other_plugins():
     assert load_recipe(seps, ["model.seps_loss.max_violation=true", "run.warmup_epochs=null"]) is not None
     with pytest.raises(RecipeError, match="model.max_txt_len: 65 exceeds qformer.max_position_embeddings"):
         load_recipe(DEMO, ["model.max_txt_len=65"])
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    sorted(os.path.relpath(os.path.join(d, f), REPO) for d, _, fs in os.walk(os.path.join(REPO, "recipes"))
+           for f in fs if f.endswith(".yaml")),
+)
+def test_every_shipped_recipe_validates_and_starts_with_a_how_to_comment(recipe):
+    path = os.path.join(REPO, recipe)
+    assert load_recipe(path) is not None
+    with open(path, encoding="utf-8") as handle:
+        first = handle.readline()
+    assert first.startswith("#"), f"{recipe}: the header comment says what it trains and how to run it"
