@@ -35,16 +35,15 @@ a second call with the same parameters does nothing).
 from __future__ import annotations
 
 import io
-import json
 import os
 import random
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Union
 
 from PIL import Image, ImageDraw
 
+from lever_plugins.datasets.demo_root import DemoRoot
 from lever_plugins.io import write_bytes_atomic, write_json_atomic
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
@@ -258,13 +257,6 @@ def write_vocab(path: PathLike) -> Path:
     return out
 
 
-def _read_marker(root: Path) -> Any:
-    try:
-        return json.loads((root / MARKER_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def generate_demo_cirr(
     root: PathLike,
     *,
@@ -310,23 +302,9 @@ def generate_demo_cirr(
     }
     expected_marker = {"generator": __name__, "format": _FORMAT_VERSION, "params": params, "complete": True}
     root = Path(root)
-    marker = _read_marker(root)
-    if marker == expected_marker:
+    demo = DemoRoot(root, MARKER_NAME, _OWNED, expected_marker, "CIRR")
+    if not demo.begin():
         return root
-    if marker is None and root.is_dir() and any(root.iterdir()):
-        raise FileExistsError(
-            f"{root}: folder is not empty and holds no {MARKER_NAME}; refusing to write the demo CIRR "
-            "dataset over other files (choose an empty or new folder)"
-        )
-    root.mkdir(parents=True, exist_ok=True)
-    if marker is not None:  # an older or interrupted demo: remove only what the generator writes
-        for owned in _OWNED:
-            target = root / owned
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    _write_json(root / MARKER_NAME, {**expected_marker, "complete": False})
 
     first_pair_id = {"train": 0, "val": num_train, "test1": num_train + num_val}
     counts = {"train": num_train, "val": num_val, "test1": num_test}
@@ -336,5 +314,5 @@ def generate_demo_cirr(
         entries = _make_triplets(split, counts[split], names, int(seed), first_pair_id[split])
         _write_json(root / "captions" / f"cap.rc2.{split}.json", entries)
     write_vocab(root / "vocab.txt")
-    _write_json(root / MARKER_NAME, expected_marker)  # last: a killed run is regenerated next time
+    demo.finish()
     return root

@@ -24,16 +24,15 @@ Layout written under ``root`` (what :mod:`lever_plugins.datasets.retrieval` read
 from __future__ import annotations
 
 import io
-import json
 import os
 import random
-import shutil
 from pathlib import Path
 from typing import Any, Union
 
 from PIL import Image, ImageDraw
 
 from lever_plugins.datasets.demo_cirr import COLOURS, SHAPES, draw_shape
+from lever_plugins.datasets.demo_root import DemoRoot
 from lever_plugins.io import write_bytes_atomic, write_json_atomic
 
 POSITIONS = ("left", "top", "right", "bottom")  # also the order objects are listed in a dense caption
@@ -102,13 +101,6 @@ def _write_json(path: Path, payload: Any) -> None:
     write_json_atomic(path, payload, indent=1)
 
 
-def _read_marker(root: Path) -> Any:
-    try:
-        return json.loads((root / MARKER_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def _generate_split(root: Path, split: str, count: int, image_size: int, seed: int, dense: dict[str, str]) -> None:
     rng = random.Random(f"{seed}:{split}")
     annotations: list[dict[str, Any]] = []
@@ -167,26 +159,12 @@ def generate_demo_retrieval(
     params = {"num_train": num_train, "num_val": num_val, "num_test": num_test, "image_size": image_size, "seed": int(seed)}
     expected_marker = {"generator": __name__, "format": _FORMAT_VERSION, "params": params, "complete": True}
     root = Path(root)
-    marker = _read_marker(root)
-    if marker == expected_marker:
+    demo = DemoRoot(root, MARKER_NAME, _OWNED, expected_marker, "retrieval")
+    if not demo.begin():
         return root
-    if marker is None and root.is_dir() and any(root.iterdir()):
-        raise FileExistsError(
-            f"{root}: folder is not empty and holds no {MARKER_NAME}; refusing to write the demo retrieval "
-            "dataset over other files (choose an empty or new folder)"
-        )
-    root.mkdir(parents=True, exist_ok=True)
-    if marker is not None:  # an older or interrupted demo: remove only what the generator writes
-        for owned in _OWNED:
-            target = root / owned
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    _write_json(root / MARKER_NAME, {**expected_marker, "complete": False})
     dense: dict[str, str] = {}
     for split, count in zip(SPLITS, (num_train, num_val, num_test)):
         _generate_split(root, split, count, image_size, int(seed), dense)
     _write_json(root / "dense_captions.json", dense)
-    _write_json(root / MARKER_NAME, expected_marker)  # last: a killed run is regenerated next time
+    demo.finish()
     return root
