@@ -75,3 +75,20 @@ def broadcast_object(obj):
     holder = [obj]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def shard_indices(length: int) -> list[int]:
+    """This rank's share of ``range(length)`` (every world_size-th item, starting at the rank)."""
+    return list(range(rank(), length, world_size()))
+
+
+def gather_sharded(local_items: list) -> list:
+    """Per-item results of every rank's :func:`shard_indices` share, back in global order, on every rank."""
+    if not is_initialized() or world_size() == 1:
+        return list(local_items)
+    parts: list = [None] * world_size()
+    dist.all_gather_object(parts, list(local_items))
+    merged: list = [None] * sum(len(part) for part in parts)
+    for part_rank, part in enumerate(parts):
+        merged[part_rank::world_size()] = part
+    return merged

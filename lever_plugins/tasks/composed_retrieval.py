@@ -5,8 +5,9 @@ image removed (Recall@1/5/10/50) and, within the query's ``img_set`` minus the r
 Recall_subset@1/2/3; ``agg_metrics`` is ``(R@5 + R_subset@1) / 2`` and picks the best checkpoint on
 ``val``. ``test1`` (no targets) is exported as the two CIRR test-server JSON files.
 
-Every rank evaluates the full split (evaluation is not sharded), so multi-process metrics equal the
-single-process ones by construction.
+Under torch.distributed each rank computes the features of its share of the gallery and the queries;
+the shares are gathered on every rank before scoring, so multi-process metrics equal the single-process
+ones (tested with 2 CPU processes).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import logging
 import os
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from lever_plugins.metrics.cir import cirr_metrics, write_cirr_submission
 from lever_plugins.runners import distributed as lever_dist
@@ -40,36 +41,42 @@ class ComposedRetrievalTask(LeverTask):
 
     @torch.no_grad()
     def evaluation(self, model, data_loader, cuda_enabled=True):
+        """Features of the split's gallery and queries, each rank computing its share, gathered on every rank."""
         model = getattr(model, "module", model)
         device = model_device(model)
         dataset = data_loader.dataset
         gallery = dataset.gallery
         show = lever_dist.is_main_process() and (self.settings is None or self.settings.progress_bar)
-        batch_size = data_loader.batch_size or 32
-        gallery_loader = DataLoader(gallery, batch_size=batch_size, collate_fn=gallery.collater,
-                                    num_workers=data_loader.num_workers)
-        target_feats, gallery_names = [], []
-        for batch in _progress(gallery_loader, f"gallery {dataset.split}", show):
-            target_feats.append(model.target_features(batch["image"].to(device)).float().cpu())
-            gallery_names.extend(batch["image_name"])
-        target_feats = torch.cat(target_feats)
 
-        query_feats, pair_ids, reference_names, target_names = [], [], [], []
-        for batch in _progress(data_loader, f"queries {dataset.split}", show):
-            query_feats.append(model.fusion_features(batch["reference_image"].to(device), batch["text_input"]).float().cpu())
-            pair_ids.extend(int(p) for p in batch["pair_id"])
-            reference_names.extend(batch["reference_name"])
-            target_names.extend(batch.get("target_name", [None] * len(batch["reference_name"])))
-        query_feats = torch.cat(query_feats)
+        def shard_loader(source):
+            return DataLoader(Subset(source, lever_dist.shard_indices(len(source))), batch_size=data_loader.batch_size or 32,
+                              collate_fn=source.collater, num_workers=data_loader.num_workers)
+
+        gallery_rows = []
+        for batch in _progress(shard_loader(gallery), f"gallery {dataset.split}", show):
+            feats = model.target_features(batch["image"].to(device)).float().cpu()
+            gallery_rows.extend(zip(feats.unbind(0), batch["image_name"]))
+        gallery_rows = lever_dist.gather_sharded(gallery_rows)
+
+        query_rows = []
+        for batch in _progress(shard_loader(dataset), f"queries {dataset.split}", show):
+            feats = model.fusion_features(batch["reference_image"].to(device), batch["text_input"]).float().cpu()
+            targets = batch.get("target_name", [None] * len(batch["reference_name"]))
+            query_rows.extend(zip(feats.unbind(0), (int(p) for p in batch["pair_id"]), batch["reference_name"], targets))
+        query_rows = lever_dist.gather_sharded(query_rows)
+
+        target_feats = torch.stack([row[0] for row in gallery_rows])
+        query_feats = torch.stack([row[0] for row in query_rows])
+        pair_ids = [row[1] for row in query_rows]
         sims = torch.cat([model.similarity(chunk, target_feats) for chunk in query_feats.split(QUERY_CHUNK)])
         members = {t.pair_id: list(t.group_members) for t in dataset.triplets}
         return {
             "split": dataset.split,
             "sims": sims,
             "pair_ids": pair_ids,
-            "reference_names": reference_names,
-            "target_names": target_names,
-            "gallery_names": gallery_names,
+            "reference_names": [row[2] for row in query_rows],
+            "target_names": [row[3] for row in query_rows],
+            "gallery_names": [row[1] for row in gallery_rows],
             "group_members": [members[p] for p in pair_ids],
         }
 
