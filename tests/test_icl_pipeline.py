@@ -227,7 +227,7 @@ def test_blip2_multimodal_features_read_the_images(tmp_path):
     assert tables["train_query"]["embeddings"].shape == (12, 32)
     assert torch.equal(tables["train_candidate"]["embeddings"], tables["train_query"]["embeddings"])
     os.remove(eval_split.examples[0].image_path)
-    with pytest.raises(IclDataError, match="cannot read the image of question_id 900"):
+    with pytest.raises(IclDataError, match=r"image file is missing \(referenced by question_id 900\)"):
         features.embed_stage(_blip2_embed("image", candidate_text="question"), train, eval_split, str(tmp_path / "img"), progress=False)
 
 

@@ -21,6 +21,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
+from lever_plugins.datasets import files
+
 logger = logging.getLogger(__name__)
 
 
@@ -72,13 +74,14 @@ class VqaSplit:
 
 def read_json(path: str, what: str) -> Any:
     """Load a JSON file; a missing or malformed file is an :class:`IclDataError` naming it."""
-    if not os.path.isfile(path):
-        raise IclDataError(f"{path}: {what} file not found")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IclDataError(f"{path}: {what} file is not valid JSON ({exc})") from None
+    return files.read_json(path, IclDataError, f"{what} file not found")
+
+
+def load_example_image(example: "VqaExample", missing_hint: str) -> Any:
+    """The RGB image of ``example`` (decoded strictly); errors name the file and question_id."""
+    if not example.image_path:
+        raise IclDataError(f"question_id {example.question_id}: {missing_hint}")
+    return files.load_image(example.image_path, f"question_id {example.question_id}", IclDataError)
 
 
 def _as_int(value: Any, path: str, what: str) -> int:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lever_plugins.icl.data import IclDataError, VqaExample, VqaSplit, read_json
+from lever_plugins.icl.data import IclDataError, VqaExample, VqaSplit, load_example_image, read_json
 from lever_plugins.io import atomic_output, write_json_atomic
 from lever_plugins.schema import expand_path
 from lever_plugins.schemas.icl import EmbedSettings
@@ -173,21 +173,8 @@ def candidate_text(example: VqaExample, kind: str) -> str:
 
 
 def _load_images(examples: Sequence[VqaExample]) -> list:
-    from PIL import Image
-
-    images = []
-    for example in examples:
-        if not example.image_path:
-            raise IclDataError(
-                f"question_id {example.question_id}: image features need the split's image folder "
-                "(datasets.lever_vqa_icl.train_images / eval_images)"
-            )
-        try:
-            with Image.open(example.image_path) as image:
-                images.append(image.convert("RGB"))
-        except (OSError, ValueError) as exc:
-            raise IclDataError(f"{example.image_path}: cannot read the image of question_id {example.question_id} ({exc})") from None
-    return images
+    hint = "image features need the split's image folder (datasets.lever_vqa_icl.train_images / eval_images)"
+    return [load_example_image(example, hint) for example in examples]
 
 
 def table_path(cache_dir: str, table: str) -> str:

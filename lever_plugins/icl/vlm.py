@@ -30,7 +30,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from lever_plugins.icl.data import IclDataError, VqaExample
+from lever_plugins.icl.data import VqaExample, load_example_image
 from lever_plugins.schemas.icl import VlmSettings
 
 logger = logging.getLogger(__name__)
@@ -245,22 +245,8 @@ class Qwen25VlVqa(VqaVlm):
     def _images(self, prompts: Sequence[IclPrompt]) -> Optional[list]:
         if not self.settings.use_images:
             return None
-        from PIL import Image
-
-        images = []
-        for prompt in prompts:
-            for example in [*prompt_demos(prompt), prompt.query]:
-                if not example.image_path:
-                    raise IclDataError(
-                        f"question_id {example.question_id}: run.vlm.use_images is true but no image folder is set "
-                        "(datasets.lever_vqa_icl.train_images / eval_images)"
-                    )
-                try:
-                    with Image.open(example.image_path) as image:
-                        images.append(image.convert("RGB"))
-                except (OSError, ValueError) as exc:
-                    raise IclDataError(f"{example.image_path}: cannot read the image of question_id {example.question_id} ({exc})") from None
-        return images
+        hint = "run.vlm.use_images is true but no image folder is set (datasets.lever_vqa_icl.train_images / eval_images)"
+        return [load_example_image(example, hint) for prompt in prompts for example in [*prompt_demos(prompt), prompt.query]]
 
     def _inputs(self, texts: list[str], prompts: Sequence[IclPrompt]) -> dict:
         kwargs: dict = {"text": texts, "padding": True, "return_tensors": "pt"}
