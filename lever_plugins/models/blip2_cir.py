@@ -30,6 +30,7 @@ from torch import nn
 
 from lever_plugins import catalog
 from lever_plugins.models.blip2_components import (
+    Blip2PluginModel,
     build_qformer,
     build_tokenizer,
     build_vision_encoder,
@@ -40,10 +41,8 @@ from lever_plugins.models.blip2_components import (
     without_cross_attention,
 )
 from lever_plugins.modules.gated_fusion import GatedFusionModule
-from lever_plugins.recipes import model_settings_from_config
 from lever_plugins.schemas.cir import Blip2CirSettings
 
-from lavis.models.base_model import BaseModel  # noqa: E402  (LAVIS imported by blip2_components)
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ PLUGIN_KEYS = ("gated_fusion.",)
 BLIP2_UNUSED_KEYS = ("itm_head.", "Qformer.cls.")
 
 
-class Blip2CirModel(BaseModel):
+class Blip2CirModel(Blip2PluginModel):
     """BLIP-2 composed image retrieval model (registered as ``lever_blip2_cir``).
 
     Build it from settings (``Blip2CirModel(settings)``) or from a recipe's ``model:`` block
@@ -87,33 +86,15 @@ class Blip2CirModel(BaseModel):
             self.gated_fusion = GatedFusionModule.from_settings(
                 settings.gated_fusion, hidden_size=settings.vision.width, text_width=hidden
             )
-        if settings.pretrained:
-            self.load_pretrained(settings.pretrained)
-        if settings.finetuned:
-            load_checked(self, load_torch_file(settings.finetuned), settings.finetuned, allowed_missing=self._frozen_keys())
+        self.load_checkpoints()
 
     # ----------------------------------------------------------------------------------- building
-    @classmethod
-    def from_config(cls, cfg: Any) -> "Blip2CirModel":
-        """Build from a LAVIS/OmegaConf ``model:`` node or a plain mapping; every key is validated."""
-        return cls(model_settings_from_config(cfg))
-
     def load_pretrained(self, path: str) -> None:
         """Load a BLIP-2 checkpoint; only this model's new keys (and the ViT if loaded separately) may be missing."""
         allowed = CIR_NEW_KEYS + PLUGIN_KEYS
         if self.settings.vision.checkpoint:
             allowed += ("visual_encoder.",)
         load_checked(self, load_torch_file(path), path, allowed_missing=allowed, ignored_unexpected=BLIP2_UNUSED_KEYS)
-
-    def _frozen_keys(self) -> tuple[str, ...]:
-        # Runner checkpoints omit frozen weights (as LAVIS's do), so they may be missing there.
-        return ("visual_encoder.",) if self.settings.vision.freeze else ()
-
-    def train(self, mode: bool = True) -> "Blip2CirModel":
-        super().train(mode)
-        if self.settings.vision.freeze:
-            self.visual_encoder.eval()  # a frozen ViT keeps its eval behaviour (drop-path off)
-        return self
 
     def plugin_parameter_count(self) -> int:
         return sum(p.numel() for p in self.gated_fusion.parameters()) if self.gated_fusion is not None else 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from functools import partial
-from typing import Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from lever_plugins.schemas.blip2 import QformerSettings, VisionSettings
 
 import_lavis()
 
+from lavis.models.base_model import BaseModel  # noqa: E402
 from lavis.models.blip2_models.blip2 import LayerNorm  # noqa: E402
 from lavis.models.blip2_models.Qformer import BertConfig, BertLMHeadModel  # noqa: E402
 from lavis.models.eva_vit import VisionTransformer, convert_weights_to_fp16, interpolate_pos_embed  # noqa: E402
@@ -190,3 +191,41 @@ def trainable_parameter_count(module: nn.Module) -> int:
 
 def optional_path(value: Optional[str]) -> Optional[str]:
     return expand_path(value) if value else None
+
+
+class Blip2PluginModel(BaseModel):
+    """What our BLIP-2-based LAVIS models share: validated ``from_config``, a frozen ViT that stays in
+    eval mode, and checkpoint loading (``pretrained`` then ``finetuned``) that never hides missing weights.
+
+    Subclasses set ``self.settings`` (with ``vision``, ``pretrained``, ``finetuned``) and implement
+    :meth:`load_pretrained`.
+    """
+
+    @classmethod
+    def from_config(cls, cfg: Any):
+        """Build from a LAVIS/OmegaConf ``model:`` node or a plain mapping; every key is validated."""
+        from lever_plugins.recipes import model_settings_from_config
+
+        return cls(model_settings_from_config(cfg))
+
+    def load_pretrained(self, path: str) -> None:
+        raise NotImplementedError
+
+    def load_checkpoints(self) -> None:
+        """Load ``settings.pretrained`` (a BLIP-2 checkpoint), then ``settings.finetuned`` (one of ours)."""
+        if self.settings.pretrained:
+            self.load_pretrained(self.settings.pretrained)
+        if self.settings.finetuned:
+            load_checked(self, load_torch_file(self.settings.finetuned), self.settings.finetuned,
+                         allowed_missing=self._frozen_keys())
+
+    def _frozen_keys(self) -> tuple[str, ...]:
+        # Runner checkpoints omit frozen weights (as LAVIS's do), so they may be missing there.
+        return ("visual_encoder.",) if self.settings.vision.freeze else ()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.settings.vision.freeze:
+            self.visual_encoder.eval()  # a frozen ViT keeps its eval behaviour (drop-path off)
+        return self
+

@@ -34,6 +34,7 @@ from torch import nn
 
 from lever_plugins import catalog
 from lever_plugins.models.blip2_components import (
+    Blip2PluginModel,
     build_qformer,
     build_tokenizer,
     build_vision_encoder,
@@ -43,10 +44,8 @@ from lever_plugins.models.blip2_components import (
     load_torch_file,
 )
 from lever_plugins.modules.seps import CrossSparseAggrNet, SEPSLoss
-from lever_plugins.recipes import model_settings_from_config
 from lever_plugins.schemas.seps_retrieval import Blip2SepsSettings
 
-from lavis.models.base_model import BaseModel  # noqa: E402  (LAVIS imported by blip2_components)
 from lavis.models.eva_vit import interpolate_pos_embed  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -76,7 +75,7 @@ class ImageTokens(NamedTuple):
     itc: torch.Tensor  # (B, Q, E) L2-normalised vision_proj(query outputs)
 
 
-class Blip2SepsModel(BaseModel):
+class Blip2SepsModel(Blip2PluginModel):
     """BLIP-2 retrieval model with the SEPS head (registered as ``lever_blip2_seps``).
 
     Build it from settings (``Blip2SepsModel(settings)``) or from a recipe's ``model:`` block
@@ -111,17 +110,9 @@ class Blip2SepsModel(BaseModel):
         self.max_txt_len = settings.max_txt_len
         self.max_dense_txt_len = settings.max_dense_txt_len
 
-        if settings.pretrained:
-            self.load_pretrained(settings.pretrained)
-        if settings.finetuned:
-            load_checked(self, load_torch_file(settings.finetuned), settings.finetuned, allowed_missing=self._frozen_keys())
+        self.load_checkpoints()
 
     # ----------------------------------------------------------------------------------- building
-    @classmethod
-    def from_config(cls, cfg: Any) -> "Blip2SepsModel":
-        """Build from a LAVIS/OmegaConf ``model:`` node or a plain mapping; every key is validated."""
-        return cls(model_settings_from_config(cfg))
-
     def load_pretrained(self, path: str) -> None:
         """Load a BLIP-2 checkpoint; only the head and its projections (and a separately loaded ViT) may be missing.
 
@@ -136,16 +127,6 @@ class Blip2SepsModel(BaseModel):
             state_dict[key] = resized["pos_embed"]
         allowed = SEPS_NEW_KEYS + (("visual_encoder.",) if self.settings.vision.checkpoint else ())
         load_checked(self, state_dict, path, allowed_missing=allowed, ignored_unexpected=BLIP2_UNUSED_KEYS)
-
-    def _frozen_keys(self) -> tuple[str, ...]:
-        # Runner checkpoints omit frozen weights (as LAVIS's do), so they may be missing there.
-        return ("visual_encoder.",) if self.settings.vision.freeze else ()
-
-    def train(self, mode: bool = True) -> "Blip2SepsModel":
-        super().train(mode)
-        if self.settings.vision.freeze:
-            self.visual_encoder.eval()  # a frozen ViT keeps its eval behaviour (drop-path off)
-        return self
 
     def head_parameter_count(self) -> int:
         """Parameters of the plugin: the head and the two projections into it."""
