@@ -254,6 +254,24 @@ def expand_path(value: str) -> str:
     return os.path.expanduser(value)
 
 
+def settings_from(cls: type, value: Any, name: str) -> Any:
+    """``cls`` settings from an instance, a mapping of its keys (a recipe block) or ``None`` (defaults).
+
+    Raises ``ValueError`` listing every problem of a mapping, each with its key path under ``name``.
+    """
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{name} settings must be a {cls.__name__} or a mapping, got {type(value).__name__}")
+    problems: list[str] = []
+    built = from_mapping(cls, dict(value), name, problems)
+    if problems:
+        raise ValueError(f"invalid {name} settings:\n" + "\n".join(problems))
+    return built
+
+
 def path_problems(obj: Any, path: str) -> list[str]:
     """Problems for every ``path=`` setting in ``obj`` (recursively) that names a missing file/dir."""
     out: list[str] = []

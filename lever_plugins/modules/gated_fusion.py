@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lever_plugins.schema import from_mapping
+from lever_plugins.schema import settings_from
 from lever_plugins.schemas.gated_fusion import GatedFusionSettings
 
 __all__ = ["GatedFusionModule"]
@@ -107,18 +107,7 @@ class GatedFusionModule(nn.Module):
             ValueError: unknown keys or bad values in a mapping (all problems listed), or widths that do
                 not fit the settings (e.g. ``num_heads`` not dividing ``hidden_size``).
         """
-        if settings is None:
-            settings = GatedFusionSettings()
-        elif not isinstance(settings, GatedFusionSettings):
-            if not isinstance(settings, Mapping):
-                raise ValueError(
-                    f"gated_fusion settings must be a GatedFusionSettings or a mapping, got {type(settings).__name__}"
-                )
-            problems: list[str] = []
-            built = from_mapping(GatedFusionSettings, dict(settings), "gated_fusion", problems)
-            if problems:
-                raise ValueError("invalid gated_fusion settings:\n" + "\n".join(problems))
-            settings = built
+        settings = settings_from(GatedFusionSettings, settings, "gated_fusion")
         return cls(
             hidden_size,
             text_width,

@@ -85,7 +85,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lever_plugins.schema import from_mapping
+from lever_plugins.schema import settings_from
 from lever_plugins.schemas.seps import AGGREGATION_HIDDEN_RATIO, SepsHeadSettings, SepsLossSettings
 
 __all__ = ["CrossSparseAggrNet", "SEPSLoss", "ScoreMask", "per_caption_loop_similarity"]
@@ -97,20 +97,6 @@ SCAN_LEAKY_SLOPE = 0.1
 # Images (or captions) processed at once by the per-item work (float64 scores, MLPs on every patch),
 # so that its temporaries stay a small multiple of 64 images even when all test images come at once.
 _ITEM_CHUNK = 64
-
-
-def _settings_from(cls: type, settings: Any, name: str) -> Any:
-    if settings is None:
-        return cls()
-    if isinstance(settings, cls):
-        return settings
-    if not isinstance(settings, Mapping):
-        raise ValueError(f"{name} settings must be a {cls.__name__} or a mapping, got {type(settings).__name__}")
-    problems: list[str] = []
-    built = from_mapping(cls, dict(settings), name, problems)
-    if problems:
-        raise ValueError(f"invalid {name} settings:\n" + "\n".join(problems))
-    return built
 
 
 def _minmax(x: torch.Tensor) -> torch.Tensor:
@@ -298,7 +284,7 @@ class CrossSparseAggrNet(nn.Module):
         Raises:
             ValueError: unknown keys or bad values (all problems listed).
         """
-        s = _settings_from(SepsHeadSettings, settings, "seps_head")
+        s = settings_from(SepsHeadSettings, settings, "seps_head")
         return cls(
             embed_size=s.embed_size,
             num_patches=s.num_patches,
@@ -712,7 +698,7 @@ class SEPSLoss(nn.Module):
     @classmethod
     def from_settings(cls, settings: Union[SepsLossSettings, Mapping[str, Any], None]) -> "SEPSLoss":
         """Build from a :class:`SepsLossSettings`, a mapping of its keys, or ``None`` (defaults)."""
-        s = _settings_from(SepsLossSettings, settings, "seps_loss")
+        s = settings_from(SepsLossSettings, settings, "seps_loss")
         return cls(
             margin=s.margin,
             target_ratio=s.target_ratio,
