@@ -30,15 +30,16 @@ from torch import nn
 
 from lever_plugins import catalog
 from lever_plugins.models.blip2_components import (
+    BLIP2_UNUSED_KEYS,
     Blip2PluginModel,
     build_qformer,
     build_tokenizer,
     build_vision_encoder,
     freeze,
+    image_free_pass,
     init_query_branch_from_text,
     load_checked,
     load_torch_file,
-    without_cross_attention,
 )
 from lever_plugins.modules.gated_fusion import GatedFusionModule
 from lever_plugins.schemas.cir import Blip2CirSettings
@@ -49,9 +50,6 @@ logger = logging.getLogger(__name__)
 # Weights this model has that a BLIP-2 pretrain checkpoint does not.
 CIR_NEW_KEYS = ("prompt_tokens",)
 PLUGIN_KEYS = ("gated_fusion.",)
-# BLIP-2 checkpoint weights this model does not use (ITM head; the Q-Former's language-model head,
-# which would also leave DDP with parameters that never get a gradient).
-BLIP2_UNUSED_KEYS = ("itm_head.", "Qformer.cls.")
 
 
 class Blip2CirModel(Blip2PluginModel):
@@ -62,6 +60,7 @@ class Blip2CirModel(Blip2PluginModel):
     """
 
     PRETRAINED_MODEL_CONFIG_DICT = catalog.preset_config_paths("lever_blip2_cir")
+    OPTIONAL_PLUGIN_KEYS = PLUGIN_KEYS
 
     def __init__(self, settings: Blip2CirSettings):
         super().__init__()
@@ -145,11 +144,8 @@ class Blip2CirModel(Blip2PluginModel):
             return_dict=True,
         )
         fused_queries = fusion_output.last_hidden_state[:, :num_query, :]
-        with without_cross_attention(self.Qformer):
-            text_output = self.Qformer.bert(
-                text_tokens.input_ids, query_embeds=fused_queries, attention_mask=attention_mask, return_dict=True
-            )
-        features = F.normalize(self.text_proj(text_output.last_hidden_state[:, num_query, :]), dim=-1)
+        text_output = image_free_pass(self.Qformer, text_tokens.input_ids, attention_mask, fused_queries, "before_text")
+        features = F.normalize(self.text_proj(text_output[:, num_query, :]), dim=-1)
         if return_parts:
             return features, fused_queries, text_tokens, attention_mask, gate
         return features
@@ -199,12 +195,9 @@ class Blip2CirModel(Blip2PluginModel):
         loss_itc = F.cross_entropy(self.similarity(fusion_feats, target_feats) / self.temp, targets)
 
         prompt_tokens = self.prompt_tokens.expand(fusion_feats.shape[0], -1, -1)
-        num_query = prompt_tokens.shape[1]
-        with without_cross_attention(self.Qformer):
-            prompt_output = self.Qformer.bert(
-                text_tokens.input_ids, query_embeds=prompt_tokens, attention_mask=attention_mask, return_dict=True
-            )
-        prompt_feats = F.normalize(self.text_proj(prompt_output.last_hidden_state[:, num_query, :]), dim=-1)
+        # SPRC's rtc pass: [CLS, prompts, text[1:]], read at the [CLS] (index 0).
+        prompt_output = image_free_pass(self.Qformer, text_tokens.input_ids, attention_mask, prompt_tokens, "after_cls")
+        prompt_feats = F.normalize(self.text_proj(prompt_output[:, 0, :]), dim=-1)
         loss_rtc = F.cross_entropy(self.similarity(prompt_feats, target_feats) / self.temp, targets)
         loss_align = F.mse_loss(fused_queries.mean(dim=1), prompt_tokens.detach().mean(dim=1))
 

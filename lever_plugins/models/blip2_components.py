@@ -7,10 +7,9 @@ tiny model builds offline in milliseconds and the full one loads every weight fr
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from functools import partial
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Literal, Optional
 
 import torch
 from torch import nn
@@ -48,6 +47,10 @@ def load_torch_file(path: str) -> dict:
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         return checkpoint["state_dict"]
     if isinstance(checkpoint, dict):
+        # SPRC's training script saves {"epoch": e, "<model class name>": state_dict}.
+        nested = [key for key, value in checkpoint.items() if isinstance(value, dict)]
+        if len(nested) == 1 and set(checkpoint) <= {"epoch", nested[0]}:
+            return checkpoint[nested[0]]
         return checkpoint
     raise CheckpointMismatch(f"{path}: expected a state dict or a dict with 'model', got {type(checkpoint).__name__}")
 
@@ -58,16 +61,19 @@ def load_checked(
     source: str,
     allowed_missing: Iterable[str] = (),
     ignored_unexpected: Iterable[str] = (),
+    refuse_unexpected: bool = False,
 ) -> tuple[list[str], list[str]]:
     """``load_state_dict(strict=False)`` that refuses to hide missing weights.
 
     Args:
         allowed_missing: key prefixes that may be absent (weights new in this model, e.g. a plugin).
         ignored_unexpected: key prefixes of the checkpoint this model does not use (e.g. BLIP-2's ITM head).
+        refuse_unexpected: other checkpoint keys the model lacks are an error too (a checkpoint of this
+            model trained with another setting, e.g. with the plugin on), not a warning.
 
     Returns:
         ``(missing, unexpected)`` after the allowances; raises :class:`CheckpointMismatch` if any other
-        key is missing. Unexpected keys are logged, not fatal.
+        key is missing (or, with ``refuse_unexpected``, unexpected).
     """
     allowed_missing, ignored_unexpected = tuple(allowed_missing), tuple(ignored_unexpected)
     result = module.load_state_dict(state_dict, strict=False)
@@ -80,7 +86,16 @@ def load_checked(
         logger.warning("%s: %d unexpected keys ignored: %s", source, len(unexpected), _summarise(unexpected))
     if missing:
         raise CheckpointMismatch(f"{source}: {len(missing)} weights missing from the checkpoint: {_summarise(missing)}")
+    if unexpected and refuse_unexpected:
+        raise CheckpointMismatch(f"{source}: {len(unexpected)} checkpoint weights this model does not have "
+                                 f"(trained with other model settings?): {_summarise(unexpected)}")
     return missing, unexpected
+
+
+# BLIP-2 checkpoint weights our retrieval models do not use: the ITM head and the Q-Former's
+# language-model head (retrieval never generates text; under DDP it would hold weights that never get a
+# gradient).
+BLIP2_UNUSED_KEYS = ("itm_head.", "Qformer.cls.")
 
 
 def _summarise(keys: list[str], limit: int = 8) -> str:
@@ -161,22 +176,51 @@ def init_query_branch_from_text(qformer: nn.Module) -> None:
             param.data.copy_(state_dict[name.replace("_query", "")])
 
 
-@contextlib.contextmanager
-def without_cross_attention(qformer: nn.Module) -> Iterator[None]:
-    """Run Q-Former passes with query tokens but no image (SPRC's prompt/text passes).
+PrefixLayout = Literal["before_text", "after_cls"]
 
-    LAVIS's ``BertLayer`` cross-attends whenever query tokens are present and the layer has a
-    cross-attention block; it reads ``has_cross_attention`` at call time, so switching that flag off
-    for the duration of a pass skips the image without editing LAVIS.
+
+def image_free_pass(
+    qformer: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prefix_embeds: torch.Tensor,
+    layout: PrefixLayout,
+) -> torch.Tensor:
+    """A Q-Former pass over a prefix of embeddings and a text, with no image, as SPRC's Q-Former runs it.
+
+    SPRC's Q-Former (a modified copy of LAVIS's) sends **every** position of a pass without image
+    features through the text FFN (``intermediate``/``output``), query positions included; stock LAVIS
+    would send the prefix through the query FFN. Running LAVIS's own encoder with ``query_length=0``
+    gives SPRC's computation without editing LAVIS. The two layouts SPRC uses:
+
+    * ``before_text``: ``[prefix, text]``, position embeddings on the text only (the second fusion pass:
+      the fused query outputs as a prompt; read the text [CLS] at index ``P``);
+    * ``after_cls``: ``[CLS, prefix, text[1:]]``, position embeddings over the whole sequence (SPRC's
+      ``no_img`` rtc pass with the learnable prompts; read index 0). The mask ``[ones(P), text_mask]``
+      lines up with this sequence because the text keeps its order after the moved [CLS].
+
+    Args:
+        input_ids: ``(B, L)`` text token ids; ``attention_mask``: ``(B, P + L)``, prefix first.
+        prefix_embeds: ``(B, P, H)``.
+
+    Returns:
+        ``(B, P + L, H)`` last hidden states.
     """
-    layers = [layer for layer in qformer.bert.encoder.layer if getattr(layer, "has_cross_attention", False)]
-    for layer in layers:
-        layer.has_cross_attention = False
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.has_cross_attention = True
+    embeddings = qformer.bert.embeddings
+    words = embeddings.word_embeddings(input_ids)
+    num_prefix, num_text = prefix_embeds.shape[1], input_ids.shape[1]
+    if layout == "before_text":
+        positions = embeddings.position_embeddings(embeddings.position_ids[:, :num_text])
+        sequence = torch.cat([prefix_embeds, words + positions], dim=1)
+    elif layout == "after_cls":
+        positions = embeddings.position_embeddings(embeddings.position_ids[:, : num_prefix + num_text])
+        sequence = torch.cat([words[:, :1], prefix_embeds, words[:, 1:]], dim=1) + positions
+    else:
+        raise ValueError(f"image_free_pass: layout must be 'before_text' or 'after_cls', got {layout!r}")
+    hidden = embeddings.dropout(embeddings.LayerNorm(sequence))
+    extended_mask = qformer.bert.get_extended_attention_mask(attention_mask, hidden.shape[:-1], hidden.device, False)
+    output = qformer.bert.encoder(hidden, attention_mask=extended_mask, return_dict=True, query_length=0)
+    return output.last_hidden_state
 
 
 def freeze(module: nn.Module) -> None:
@@ -185,21 +229,18 @@ def freeze(module: nn.Module) -> None:
     module.eval()
 
 
-def trainable_parameter_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
-def optional_path(value: Optional[str]) -> Optional[str]:
-    return expand_path(value) if value else None
-
-
 class Blip2PluginModel(BaseModel):
     """What our BLIP-2-based LAVIS models share: validated ``from_config``, a frozen ViT that stays in
     eval mode, and checkpoint loading (``pretrained`` then ``finetuned``) that never hides missing weights.
 
     Subclasses set ``self.settings`` (with ``vision``, ``pretrained``, ``finetuned``) and implement
-    :meth:`load_pretrained`.
+    :meth:`load_pretrained`. A ``finetuned`` checkpoint (ours, or SPRC's ``{"epoch", "<class>": ...}``)
+    loads strictly: every weight present, no weight of another configuration, except the BLIP-2 heads
+    we drop and, when the checkpoint has none of them, the weights of ``OPTIONAL_PLUGIN_KEYS`` (a
+    baseline checkpoint starting a plugin run; plugins are the identity at initialisation).
     """
+
+    OPTIONAL_PLUGIN_KEYS: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, cfg: Any):
@@ -216,8 +257,13 @@ class Blip2PluginModel(BaseModel):
         if self.settings.pretrained:
             self.load_pretrained(self.settings.pretrained)
         if self.settings.finetuned:
-            load_checked(self, load_torch_file(self.settings.finetuned), self.settings.finetuned,
-                         allowed_missing=self._frozen_keys())
+            state_dict = load_torch_file(self.settings.finetuned)
+            allowed = self._frozen_keys()
+            plugin_keys = self.OPTIONAL_PLUGIN_KEYS
+            if plugin_keys and not any(key.startswith(plugin_keys) for key in state_dict):
+                allowed += plugin_keys
+            load_checked(self, state_dict, self.settings.finetuned, allowed_missing=allowed,
+                         ignored_unexpected=BLIP2_UNUSED_KEYS, refuse_unexpected=True)
 
     def _frozen_keys(self) -> tuple[str, ...]:
         # Runner checkpoints omit frozen weights (as LAVIS's do), so they may be missing there.

@@ -34,6 +34,7 @@ from torch import nn
 
 from lever_plugins import catalog
 from lever_plugins.models.blip2_components import (
+    BLIP2_UNUSED_KEYS,
     Blip2PluginModel,
     build_qformer,
     build_tokenizer,
@@ -52,9 +53,6 @@ logger = logging.getLogger(__name__)
 
 # Weights this model has that a BLIP-2 checkpoint does not: the head and the two projections into it.
 SEPS_NEW_KEYS = ("seps_head.", "image_token_proj.", "word_proj.")
-# BLIP-2 checkpoint weights this model does not use: the ITM head and the Q-Former's language-model
-# head (retrieval never generates text; under DDP it would hold weights that never get a gradient).
-BLIP2_UNUSED_KEYS = ("itm_head.", "Qformer.cls.")
 # Parameter-name prefixes of the BLIP-2 backbone (trained at backbone_lr_scale x the base lr).
 BACKBONE_PREFIXES = ("visual_encoder.", "ln_vision.", "Qformer.", "query_tokens", "vision_proj.", "text_proj.", "temp")
 TEMPERATURE_RANGE = (0.001, 0.5)
