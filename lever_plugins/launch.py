@@ -254,9 +254,17 @@ def save_gate_maps_for_run(
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     model.load_state_dict(state.get("model", state), strict=False)
     model.eval()
-    dataset_block = next(iter(resolved.data["datasets"].values()))
+    dataset_name, dataset_block = next(iter(resolved.data["datasets"].items()))
     transform = cir_image_transform(dataset_block["image_size"], dataset_block["target_ratio"])
-    dataset = CirrTripletDataset(expand_path(dataset_block["root"]), split, transform, load_target_image=False)
+    if dataset_name == "lever_fashioniq":
+        from lever_plugins.datasets.fashioniq import FashionIqTripletDataset
+
+        dataset = FashionIqTripletDataset(
+            expand_path(dataset_block["root"]), split, transform, categories=dataset_block["categories"], train=False,
+            load_target_image=False, image_extension=dataset_block["image_extension"],
+        )
+    else:
+        dataset = CirrTripletDataset(expand_path(dataset_block["root"]), split, transform, load_target_image=False)
     count = min(num_queries, len(dataset))
     items = [dataset[i] for i in range(count)]
     images = torch.stack([item["reference_image"] for item in items])

@@ -161,3 +161,38 @@ def test_full_widths_and_local_eva_checkpoint(tmp_path):
         images = torch.randn(1, 3, 224, 224)
         assert loaded.target_features(images).shape == (1, 32, 256)
         assert loaded.fusion_features(images, ["make it blue"]).shape == (1, 256)
+
+
+def test_param_groups_give_the_plugin_its_lr_scale_and_never_decay_alpha():
+    model = build(use_gated_fusion=True, gated_fusion={"num_heads": 4}, gated_fusion_lr_scale=50.0)
+    groups = {g["name"]: g for g in model.param_groups_for_optimizer(0.05)}
+    assert set(groups) == {"backbone", "gated_fusion", "gated_fusion_no_decay"}
+    assert groups["gated_fusion_no_decay"]["params"] == [model.gated_fusion.alpha]
+    assert groups["gated_fusion_no_decay"]["weight_decay"] == 0.0
+    assert groups["gated_fusion"]["lr_scale"] == 50.0 and groups["gated_fusion"]["weight_decay"] == 0.05
+    assert groups["backbone"]["lr_scale"] == 1.0 and groups["backbone"]["weight_decay"] == 0.05
+    # SPRC's single AdamW group: biases, norms, temperature and prompts decay too
+    backbone = {id(p) for p in groups["backbone"]["params"]}
+    assert {id(model.temp), id(model.prompt_tokens), id(model.text_proj.bias), id(model.ln_vision.weight)} <= backbone
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sorted(id(p) for g in groups.values() for p in g["params"]) == sorted(id(p) for p in trainable)
+
+
+def test_param_groups_with_the_lavis_decay_rule():
+    model = build(decay_all_parameters=False)
+    groups = {g["name"]: g for g in model.param_groups_for_optimizer(0.05)}
+    assert set(groups) == {"backbone", "backbone_no_decay"}
+    no_decay = {id(p) for p in groups["backbone_no_decay"]["params"]}
+    assert {id(model.temp), id(model.text_proj.bias), id(model.ln_vision.weight)} <= no_decay
+    assert id(model.text_proj.weight) not in no_decay and groups["backbone_no_decay"]["weight_decay"] == 0.0
+
+
+def test_gated_forward_reports_how_far_the_gate_has_opened():
+    torch.manual_seed(0)
+    model = build(use_gated_fusion=True, gated_fusion={"num_heads": 4})
+    with torch.no_grad():
+        model.gated_fusion.alpha.fill_(0.25)
+    out = model(batch())
+    assert out["gate_alpha"].item() == pytest.approx(0.25)
+    assert 0.0 < out["gate_mean"].item() < 1.0
+    assert "gate_alpha" not in build()(batch())

@@ -308,3 +308,20 @@ def test_cir_image_transform_shape_padding_and_modes():
     assert torch.allclose(square[:, 1, 28], white, atol=1e-3)  # no padding on a square image
     assert transform(Image.new("L", (30, 30))).shape == (3, 56, 56)
     assert transform(Image.new("RGBA", (30, 60))).shape == (3, 56, 56)
+
+
+@pytest.mark.lavis
+@pytest.mark.parametrize("processor, expected", [("blip_caption", "make it blue and round"),
+                                                 ("none", "Make it BLUE; and round.")])
+def test_builder_applies_the_caption_processor_in_training_and_evaluation(cirr_root: Path, processor, expected):
+    # SPRC runs every caption through BLIP's txt_processors["eval"], in training and in validation.
+    from omegaconf import OmegaConf
+
+    from lever_plugins.datasets.builders import CirrBuilder
+
+    for split in ("train", "val"):
+        _rewrite_entries(cirr_root, split, lambda entries: entries[0].update(caption="Make it BLUE; and round."))
+    config = OmegaConf.create({"data_type": "images", "root": str(cirr_root), "image_size": 32,
+                               "caption_processor": processor, "splits": ["train", "val"]})
+    datasets = CirrBuilder(config).build_datasets()
+    assert [datasets[split][0]["text_input"] for split in ("train", "val")] == [expected, expected]

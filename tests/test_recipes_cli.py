@@ -225,8 +225,12 @@ def test_cross_block_and_length_checks_of_the_other_plugins():
         load_recipe(seps, ["model.seps_loss.max_violation=true", "run.warmup_epochs=1"])
     assert info.value.problems[0].startswith("model.seps_loss.max_violation: true would be switched off")
     assert load_recipe(seps, ["model.seps_loss.max_violation=true", "run.warmup_epochs=null"]) is not None
-    with pytest.raises(RecipeError, match="model.max_txt_len: 65 exceeds qformer.max_position_embeddings"):
+    with pytest.raises(RecipeError, match=r"model.max_txt_len: 65 text tokens \+ 8 prompt tokens exceed qformer.max_position_embeddings"):
         load_recipe(DEMO, ["model.max_txt_len=65"])
+    # SPRC's rtc pass places the 8 prompts among the text positions: 57 + 8 > 64 does not fit either.
+    with pytest.raises(RecipeError, match=r"57 text tokens \+ 8 prompt tokens exceed"):
+        load_recipe(DEMO, ["model.max_txt_len=57"])
+    assert load_recipe(DEMO, ["model.max_txt_len=56"]) is not None
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from typing import Any
 from lever_plugins import catalog
 from lever_plugins.compat import import_lavis
 from lever_plugins.schema import RecipeError, expand_path, from_mapping
-from lever_plugins.schemas.cir import CirrDatasetSettings
+from lever_plugins.schemas.cir import CirrDatasetSettings, FashionIQDatasetSettings
 
 import_lavis()
 
@@ -29,6 +29,13 @@ def _validated(settings_cls: type, cfg: Any, name: str):
     if problems:
         raise RecipeError(problems)
     return settings
+
+
+def caption_processor(name: str):
+    """The recipe's ``caption_processor`` as a function on caption strings (None: unchanged)."""
+    from lever_plugins.datasets.text import blip_caption
+
+    return {"blip_caption": blip_caption, "none": None}[name]
 
 
 class CirrBuilder(BaseDatasetBuilder):
@@ -56,7 +63,8 @@ class CirrBuilder(BaseDatasetBuilder):
         for split in settings.splits:
             train = split == "train"
             transform = cir_image_transform(settings.image_size, settings.target_ratio, train=train)
-            dataset = CirrTripletDataset(root, split, transform, load_target_image=True if train else False)
+            dataset = CirrTripletDataset(root, split, transform, caption_processor(settings.caption_processor),
+                                         load_target_image=True if train else False)
             limit = settings.max_train_samples if train else settings.max_eval_samples
             if limit is not None:
                 dataset.triplets = dataset.triplets[:limit]
@@ -64,4 +72,39 @@ class CirrBuilder(BaseDatasetBuilder):
                 dataset.gallery = CirrGalleryDataset(root, split, transform)
             datasets[split] = dataset
             logger.info("lever_cirr %s: %d triplets", split, len(dataset))
+        return datasets
+
+
+class FashionIQBuilder(BaseDatasetBuilder):
+    """``lever_fashioniq``: FashionIQ triplets. ``train`` holds every chosen category together; ``val``
+    holds them too, with one gallery per category as ``.galleries`` (scored per category)."""
+
+    DATASET_CONFIG_DICT = {"default": catalog.dataset_config_path("lever_fashioniq")}
+
+    def __init__(self, cfg=None):
+        super().__init__(cfg)
+        self.settings: FashionIQDatasetSettings = _validated(FashionIQDatasetSettings, self.config, "lever_fashioniq")
+
+    def build_datasets(self):
+        from lever_plugins.datasets.fashioniq import FashionIqGalleryDataset, FashionIqTripletDataset
+        from lever_plugins.datasets.transforms import cir_image_transform
+
+        settings = self.settings
+        root = expand_path(settings.root)
+        datasets = {}
+        for split in settings.splits:
+            train = split == "train"
+            transform = cir_image_transform(settings.image_size, settings.target_ratio, train=train)
+            dataset = FashionIqTripletDataset(
+                root, split, transform, categories=settings.categories, train=train, load_target_image=train,
+                image_extension=settings.image_extension, text_transform=caption_processor(settings.caption_processor),
+                max_samples_per_category=settings.max_train_samples if train else settings.max_eval_samples,
+            )
+            if not train:
+                dataset.galleries = {
+                    category: FashionIqGalleryDataset(root, category, split, transform, image_extension=settings.image_extension)
+                    for category in settings.categories
+                }
+            datasets[split] = dataset
+            logger.info("lever_fashioniq %s (%s): %d triplets", split, ", ".join(settings.categories), len(dataset))
         return datasets

@@ -1,4 +1,6 @@
-"""Composed image retrieval metrics on CIRR, and the CIRR test-server export.
+"""Composed image retrieval metrics on CIRR and FashionIQ, and the CIRR test-server export.
+
+FashionIQ (:func:`fashioniq_category_recalls`, :func:`fashioniq_metrics`) is described there.
 
 CIRR protocol (SPEC §5):
 
@@ -27,6 +29,7 @@ ArrayLike = Union[torch.Tensor, np.ndarray]
 
 RECALL_KS = (1, 5, 10, 50)
 SUBSET_RECALL_KS = (1, 2, 3)
+FASHIONIQ_RECALL_KS = (10, 50)
 SUBMISSION_VERSION = "rc2"
 
 
@@ -117,6 +120,16 @@ def _member_matrix(
     return member_idx, valid
 
 
+def _target_ranks(scores: torch.Tensor, target_idx: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each row's target column: how many columns a stable descending sort puts
+    before it (higher scores, and equal scores in earlier gallery columns)."""
+    target_col = target_idx.to(scores.device).unsqueeze(1)
+    target_score = scores.gather(1, target_col)
+    gallery_col = torch.arange(scores.shape[1], device=scores.device).unsqueeze(0)
+    ahead = (scores > target_score) | ((scores == target_score) & (gallery_col < target_col))
+    return ahead.sum(dim=1)
+
+
 def _check_lengths(num_queries: int, **named: Sequence) -> None:
     for name, values in named.items():
         if len(values) != num_queries:
@@ -171,10 +184,7 @@ def cirr_metrics(
     target_col = target_idx.to(device).unsqueeze(1)
     masked = _without_reference(scores, reference_idx)
     target_score = masked.gather(1, target_col)
-    gallery_col = torch.arange(masked.shape[1], device=device).unsqueeze(0)
-    # Rank = number of candidates a stable descending sort puts before the target.
-    ahead = (masked > target_score) | ((masked == target_score) & (gallery_col < target_col))
-    global_ranks = ahead.sum(dim=1)
+    global_ranks = _target_ranks(masked, target_idx)
 
     member_idx, valid = _member_matrix(group_members, reference_names, index)
     member_idx, valid = member_idx.to(device), valid.to(device)
@@ -194,6 +204,63 @@ def cirr_metrics(
     result = {f"recall_at{k}": recall_at_k(global_ranks, k) for k in RECALL_KS}
     result.update({f"recall_subset_at{k}": recall_at_k(subset_ranks, k) for k in SUBSET_RECALL_KS})
     result["r5_rs1_mean"] = (result["recall_at5"] + result["recall_subset_at1"]) / 2.0
+    return result
+
+
+def fashioniq_category_recalls(
+    sims: ArrayLike, target_names: Sequence[str], gallery_names: Sequence[str]
+) -> dict[str, float]:
+    """FashionIQ Recall@10 and Recall@50 of one category, in percent.
+
+    The gallery is the category's whole val image split and, as in SPRC's FashionIQ validation, the
+    query's reference image is **not** removed from it (unlike CIRR): a reference that outranks the
+    target costs the query one place. Ties follow gallery order (see the module docstring); SPRC's
+    unstable argsort leaves them unspecified.
+
+    Args:
+        sims: ``(N, G)`` similarity of each query (reference + joined captions) to each gallery
+            image; higher is better.
+        target_names: ``N`` target image names, each in ``gallery_names``.
+        gallery_names: ``G`` distinct image names, the columns of ``sims``.
+
+    Returns:
+        ``{"r10": ..., "r50": ...}``.
+    """
+    num_queries = len(target_names)
+    if num_queries == 0:
+        raise ValueError("fashioniq_category_recalls needs at least one query")
+    scores = _as_score_matrix(sims, num_queries, len(gallery_names))
+    index = _gallery_index(gallery_names)
+    missing = [(q, t) for q, t in enumerate(target_names) if t not in index]
+    if missing:
+        query, name = missing[0]
+        raise ValueError(f"{len(missing)} target(s) are not in the gallery, first: query {query} target {name!r}")
+    ranks = _target_ranks(scores, torch.tensor([index[t] for t in target_names], dtype=torch.long))
+    return {f"r{k}": recall_at_k(ranks, k) for k in FASHIONIQ_RECALL_KS}
+
+
+def fashioniq_metrics(category_recalls: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """FashionIQ summary over categories, as SPRC reports it (percent).
+
+    Args:
+        category_recalls: ``{category: {"r10": ..., "r50": ...}}`` from
+            :func:`fashioniq_category_recalls`, in the order to report.
+
+    Returns:
+        ``<category>_r10`` and ``<category>_r50`` per category, ``average_r10`` and ``average_r50``
+        (means over the categories) and ``average_recall`` = ``(average_r10 + average_r50) / 2``,
+        which equals the mean over categories of ``(R@10 + R@50) / 2`` (SPRC's headline).
+    """
+    if not category_recalls:
+        raise ValueError("fashioniq_metrics needs at least one category")
+    result: dict[str, float] = {}
+    for category, recalls in category_recalls.items():
+        for k in FASHIONIQ_RECALL_KS:
+            result[f"{category}_r{k}"] = float(recalls[f"r{k}"])
+    count = len(category_recalls)
+    for k in FASHIONIQ_RECALL_KS:
+        result[f"average_r{k}"] = sum(float(r[f"r{k}"]) for r in category_recalls.values()) / count
+    result["average_recall"] = (result["average_r10"] + result["average_r50"]) / 2.0
     return result
 
 

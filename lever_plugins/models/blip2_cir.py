@@ -1,16 +1,21 @@
 """``lever_blip2_cir``: BLIP-2 Q-Former composed image retrieval with an optional gated-fusion plugin.
 
-Follows the SPRC recipe (SPEC §5), written anew:
+Computes what SPRC's ``Blip2QformerCirAlignPrompt`` computes (proved on shared weights against SPRC's
+own code in ``tests/test_sprc_parity.py``), written anew on stock LAVIS:
 
 * fusion pass: the query tokens cross-attend the reference-image tokens while self-attending with the
-  modification-text tokens; a second, image-free pass reads the fused query outputs as a prompt
-  followed by the text, and the text [CLS] (first position after the prompt) -> ``text_proj`` is the
-  fusion feature ``f`` (B, E);
+  modification-text tokens; a second, image-free pass reads ``[fused query outputs, text]`` and the
+  text [CLS] (first position after the prompt) -> ``text_proj`` is the fusion feature ``f`` (B, E);
 * target side: queries over the target-image tokens -> ``vision_proj`` -> ``t`` (B, Q, E);
   similarity ``s(f, t) = max_q <f, t_q>``;
-* losses: ``itc`` (in-batch cross-entropy over s / temperature), ``rtc`` (learnable prompt tokens +
-  text, no image, against the same targets), ``align`` (MSE between the mean fused query output and
-  the detached mean prompt); ``loss = itc + w_rtc * rtc + w_align * align``.
+* losses: ``itc`` (in-batch cross-entropy over s / temperature), ``rtc`` (image-free pass over
+  ``[CLS, learnable prompts, text[1:]]``, read at index 0, against the same targets), ``align`` (MSE
+  between the mean fused query output and the detached mean prompt);
+  ``loss = itc + w_rtc * rtc + w_align * align``.
+
+SPRC's Q-Former is a modified LAVIS copy: a pass without image features sends every position through
+the text FFN, prompts included (stock LAVIS would use the query FFN). Our image-free passes do the same
+through :func:`~lever_plugins.models.blip2_components.image_free_pass`, without editing LAVIS.
 
 With ``use_gated_fusion`` the reference-image tokens are first updated by
 :class:`~lever_plugins.modules.gated_fusion.GatedFusionModule` conditioned on
@@ -94,6 +99,31 @@ class Blip2CirModel(Blip2PluginModel):
         if self.settings.vision.checkpoint:
             allowed += ("visual_encoder.",)
         load_checked(self, load_torch_file(path), path, allowed_missing=allowed, ignored_unexpected=BLIP2_UNUSED_KEYS)
+
+    def param_groups_for_optimizer(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: the backbone at the base lr, the plugin at ``gated_fusion_lr_scale`` x it.
+
+        With ``decay_all_parameters`` (SPRC's single AdamW group) every trainable weight decays;
+        otherwise biases, norms and 1-d weights do not (LAVIS's rule). The plugin's ``alpha`` never
+        decays: weight decay would pull the gate's opening back to the identity.
+        """
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            plugin = name.startswith(PLUGIN_KEYS)
+            lavis_no_decay = param.ndim < 2 or "bias" in name or "ln" in name or "norm" in name.lower()
+            no_decay = name == "gated_fusion.alpha" or (not self.settings.decay_all_parameters and lavis_no_decay)
+            groups.setdefault((plugin, no_decay), []).append(param)
+        return [
+            {
+                "params": params,
+                "weight_decay": 0.0 if no_decay else float(weight_decay),
+                "lr_scale": self.settings.gated_fusion_lr_scale if plugin else 1.0,
+                "name": f"{'gated_fusion' if plugin else 'backbone'}{'_no_decay' if no_decay else ''}",
+            }
+            for (plugin, no_decay), params in sorted(groups.items())
+        ]
 
     def plugin_parameter_count(self) -> int:
         return sum(p.numel() for p in self.gated_fusion.parameters()) if self.gated_fusion is not None else 0
@@ -187,7 +217,7 @@ class Blip2CirModel(Blip2PluginModel):
         for key in ("reference_image", "target_image", "text_input"):
             if key not in samples:
                 raise KeyError(f"lever_blip2_cir.forward: batch has no {key!r} (got {sorted(samples)})")
-        fusion_feats, fused_queries, text_tokens, attention_mask, _ = self.fusion_features(
+        fusion_feats, fused_queries, text_tokens, attention_mask, gate = self.fusion_features(
             samples["reference_image"], samples["text_input"], return_parts=True
         )
         target_feats = self.target_features(samples["target_image"])
@@ -202,4 +232,10 @@ class Blip2CirModel(Blip2PluginModel):
         loss_align = F.mse_loss(fused_queries.mean(dim=1), prompt_tokens.detach().mean(dim=1))
 
         loss = loss_itc + self.settings.loss_rtc_weight * loss_rtc + self.settings.loss_align_weight * loss_align
-        return {"loss": loss, "loss_itc": loss_itc.detach(), "loss_rtc": loss_rtc.detach(), "loss_align": loss_align.detach()}
+        out = {"loss": loss, "loss_itc": loss_itc.detach(), "loss_rtc": loss_rtc.detach(), "loss_align": loss_align.detach()}
+        if self.gated_fusion is not None:
+            # How far the gate has opened (per-epoch means land in metrics.csv): alpha scales the
+            # whole update, gate_mean is the mean per-token gate in [0, 1].
+            out["gate_alpha"] = self.gated_fusion.alpha.detach().clone()
+            out["gate_mean"] = gate.detach().float().mean()
+        return out
