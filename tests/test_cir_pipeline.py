@@ -75,6 +75,10 @@ def test_existing_lavis_train_py_sequence_runs_our_recipe(tmp_path, demo_data):
     checkpoint = torch.load(out / "checkpoint_last.pth", weights_only=True)
     assert checkpoint["epoch"] == 0 and "gated_fusion.alpha" in checkpoint["model"]
     assert len(list((out / "gate_maps").glob("*.png"))) == 2
+    # how far the gate opened, per epoch: in the metrics and drawn
+    assert isinstance(records[0]["gate_alpha"], float) and 0.0 < records[0]["gate_mean"] < 1.0
+    assert records[0]["gate_alpha"] == pytest.approx(float(checkpoint["model"]["gated_fusion.alpha"]), abs=0.05)
+    assert (out / "gate_opening.png").stat().st_size > 1000
 
 
 def _cli(*args, cwd=REPO):

@@ -108,10 +108,12 @@ class ComposedRetrievalTask(LeverTask):
         }
 
     def after_training(self, runner) -> None:
+        model = runner.unwrap_dist_model(runner.model)
+        if getattr(model, "gated_fusion", None) is not None and lever_dist.is_main_process():
+            self._plot_gate_opening(runner.output_dir)
         count = self.settings.save_gate_maps if self.settings is not None else 0
         if not count:
             return
-        model = runner.unwrap_dist_model(runner.model)
         if getattr(model, "gated_fusion", None) is None:
             logger.warning("run.save_gate_maps=%d but model.use_gated_fusion is false: no gate maps", count)
             return
@@ -120,6 +122,21 @@ class ComposedRetrievalTask(LeverTask):
         split = "val" if "val" in runner.dataloaders else next(iter(runner.dataloaders))
         paths = save_gate_maps_for_run(str(runner.output_dir), split=split, num_queries=count)
         logger.info("saved %d gate maps to %s", len(paths), os.path.dirname(str(paths[0])) if paths else "-")
+
+    @staticmethod
+    def _plot_gate_opening(output_dir) -> None:
+        from lever_plugins.plots import plot_gate_opening
+
+        metrics_path = os.path.join(str(output_dir), "metrics.jsonl")
+        if not os.path.isfile(metrics_path):
+            return
+        try:
+            path = plot_gate_opening(metrics_path, os.path.join(str(output_dir), "gate_opening.png"))
+        except ImportError as error:  # matplotlib is optional in an existing LAVIS environment
+            logger.warning("no gate_opening.png: %s (pip install matplotlib)", error)
+            return
+        if path is not None:
+            logger.info("gate opening per epoch: %s", path)
 
     def after_evaluation(self, val_result, split_name, epoch, **kwargs):
         if not lever_dist.is_main_process():
