@@ -79,6 +79,7 @@ PLUGINS: tuple[PluginSpec, ...] = (
         purpose="train with itc+rtc+align; validate CIRR Recall@K / Recall_subset@K (export test1 submissions) or FashionIQ R@10/R@50 per category",
         settings="lever_plugins.schemas.cir:ComposedRetrievalRunSettings",
         recipe_block="run",
+        cross_check="lever_plugins.schemas.cir:cross_block_problems",
     ),
     PluginSpec(
         kind="runner",
@@ -91,7 +92,7 @@ PLUGINS: tuple[PluginSpec, ...] = (
         kind="lr_scheduler",
         name="lever_onecycle_lr",
         target="lever_plugins.runners.schedulers:OneCycleLRScheduler",
-        purpose="one-cycle schedule over all training steps (SPRC's schedule)",
+        purpose="torch's OneCycleLR, stepped once per optimiser step (SPRC's schedule; run.onecycle_*, run.lr_horizon_epochs)",
         recipe_block="run.lr_sched",
     ),
     PluginSpec(

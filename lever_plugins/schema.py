@@ -189,6 +189,19 @@ class Settings:
     def extra_problems(self) -> Iterator[str]:
         return iter(())
 
+    def differs_from_default(self, name: str) -> bool:
+        """Whether key ``name`` holds something other than its default, i.e. was set by the recipe (or caller).
+
+        Presence in a block cannot tell: a resolved recipe spells every default out and is validated again
+        when it runs, so a key equal to its default counts as left alone.
+        """
+        f = next(f for f in dataclasses.fields(self) if f.name == name)  # type: ignore[arg-type]
+        if f.default is not _MISSING:
+            return getattr(self, name) != f.default
+        if f.default_factory is not _MISSING:  # type: ignore[misc]
+            return getattr(self, name) != f.default_factory()  # type: ignore[misc]
+        return True
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 

@@ -13,7 +13,7 @@ from lever_plugins.compat import import_lavis
 import_lavis()
 pytestmark = pytest.mark.lavis
 
-from lever_plugins.runners.schedulers import MultiStepLRScheduler, OneCycleLRScheduler  # noqa: E402
+from lever_plugins.runners.schedulers import MultiStepLRScheduler  # noqa: E402
 from lever_plugins.schemas.run import RunSettings  # noqa: E402
 from lever_plugins.tasks.base import LeverTask, NonFiniteLoss  # noqa: E402
 
@@ -88,15 +88,6 @@ def test_non_finite_loss_raises_with_position():
     rows = [{"x": torch.full((1, 4), float("nan")), "y": torch.zeros(1)}]
     with pytest.raises(NonFiniteLoss, match="at epoch 0 step 0"):
         _train(_task(), Regression(), _batches(rows, 1))
-
-
-def test_one_cycle_schedule_shape():
-    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    schedule = OneCycleLRScheduler(optimizer, max_epoch=2, init_lr=1.0, iters_per_epoch=50)
-    lrs = [schedule.lr_at(step) for step in range(100)]
-    assert lrs[0] == pytest.approx(1.0 / 25)
-    assert max(lrs) == pytest.approx(1.0, rel=1e-3) and lrs.index(max(lrs)) == 30
-    assert lrs[-1] < 1e-3 and all(a >= b for a, b in zip(lrs[30:], lrs[31:]))
 
 
 def test_multistep_schedule_keeps_group_scales():

@@ -182,6 +182,15 @@ class LeverRunner(RunnerBase):
                 iters_per_epoch=len(self.train_loader),
                 milestones=list(self.run_cfg.get("lr_milestones", []) or []),
                 gamma=float(self.run_cfg.get("lr_gamma", 0.1)),
+                # lever_onecycle_lr (torch's OneCycleLR over optimiser steps); LAVIS's schedules ignore these
+                accum_grad_iters=self.accum_grad_iters,
+                pct_start=float(self.run_cfg.get("onecycle_pct_start", 0.3)),
+                div_factor=float(self.run_cfg.get("onecycle_div_factor", 25.0)),
+                final_div_factor=float(self.run_cfg.get("onecycle_final_div_factor", 1e4)),
+                horizon_epochs=self.run_cfg.get("lr_horizon_epochs", None),
+                cycle_momentum=bool(self.run_cfg.get("onecycle_cycle_momentum", False)),
+                base_momentum=float(self.run_cfg.get("onecycle_base_momentum", 0.85)),
+                max_momentum=float(self.run_cfg.get("onecycle_max_momentum", 0.95)),
             )
         return self._lr_sched
 

@@ -1,7 +1,8 @@
 """Learning-rate schedules with LAVIS's scheduler interface (``step(cur_epoch, cur_step)``).
 
-LAVIS ships linear-warmup cosine/step and constant schedules; SPRC trains with a one-cycle schedule
-and LAPS/SEPS with a multi-step one, so both are provided here. Each parameter group's lr is the
+LAVIS ships linear-warmup cosine/step schedules; SPRC trains with torch's one-cycle schedule
+and LAPS/SEPS with a multi-step one, so both are provided here (the ``run:`` keys each schedule reads
+are listed once, in ``lever_plugins.schemas.run.SCHEDULE_KEYS``). Each parameter group's lr is the
 schedule's value times the group's ``lr_scale`` (default 1), which keeps per-group multipliers such as
 "backbone x 0.1" intact (LAVIS's own schedules overwrite every group with one value).
 """
@@ -19,8 +20,22 @@ def _apply(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 class OneCycleLRScheduler:
-    """Cosine one-cycle: warm up from ``init_lr / div_factor`` to ``init_lr`` over ``pct_start`` of all
-    steps, then anneal to ``init_lr / (div_factor * final_div_factor)`` (torch's OneCycleLR defaults)."""
+    """torch's ``OneCycleLR`` (cosine, two phases) behind LAVIS's ``step(cur_epoch, cur_step)`` interface.
+
+    SPRC builds ``OneCycleLR`` and calls ``scheduler.step()`` after every optimiser step, so optimiser
+    step ``k`` (0-based, from the start of training) runs at the lr torch gives after ``k`` calls. Here an
+    epoch of ``iters_per_epoch`` batches makes ``ceil(iters_per_epoch / accum_grad_iters)`` optimiser steps
+    (the training loop also steps on an epoch's last, partial accumulation), the schedule spans
+    ``horizon_epochs`` (default ``max_epoch``) of them, and the batch ``cur_step`` of epoch ``cur_epoch``
+    belongs to optimiser step ``cur_epoch * steps_per_epoch + cur_step // accum_grad_iters``. The lr is a
+    function of (epoch, step) alone, so a resumed run continues on the same curve.
+
+    As torch: warm up from ``init_lr / div_factor`` to ``init_lr`` at step ``pct_start * total_steps - 1``,
+    then anneal to ``init_lr / div_factor / final_div_factor`` at step ``total_steps - 1``, both cosine.
+    With ``cycle_momentum`` (torch's default, SPRC's run) the groups' momentum (AdamW's beta1) starts at
+    ``max_momentum``, falls to ``base_momentum`` while the lr rises and climbs back while it falls.
+    Each group's lr is the schedule's value times its ``lr_scale``.
+    """
 
     def __init__(
         self,
@@ -31,28 +46,78 @@ class OneCycleLRScheduler:
         pct_start: float = 0.3,
         div_factor: float = 25.0,
         final_div_factor: float = 1e4,
+        horizon_epochs: Optional[int] = None,
+        accum_grad_iters: int = 1,
+        cycle_momentum: bool = False,
+        base_momentum: float = 0.85,
+        max_momentum: float = 0.95,
         **_: object,
     ) -> None:
         self.optimizer = optimizer
-        self.total_steps = max(1, int(max_epoch) * int(iters_per_epoch))
-        self.iters_per_epoch = max(1, int(iters_per_epoch))
+        self.accum_grad_iters = max(1, int(accum_grad_iters))
+        self.steps_per_epoch = max(1, math.ceil(int(iters_per_epoch) / self.accum_grad_iters))
+        self.horizon_epochs = int(max_epoch if horizon_epochs is None else horizon_epochs)
+        if self.horizon_epochs < int(max_epoch):
+            raise ValueError(
+                f"horizon_epochs={self.horizon_epochs} < max_epoch={max_epoch}: the one-cycle schedule ends at its horizon"
+            )
+        if not 0.0 <= pct_start <= 1.0:
+            raise ValueError(f"pct_start must be in [0, 1], got {pct_start}")
+        self.total_steps = max(1, self.horizon_epochs * self.steps_per_epoch)
         self.max_lr = float(init_lr)
-        self.start_lr = self.max_lr / div_factor
-        self.end_lr = self.start_lr / final_div_factor
-        self.warmup_steps = max(1, int(pct_start * self.total_steps))
+        self.initial_lr = self.max_lr / div_factor
+        self.min_lr = self.initial_lr / final_div_factor
+        self.phase_ends = (float(pct_start * self.total_steps) - 1, float(self.total_steps - 1))
+        self.cycle_momentum = bool(cycle_momentum)
+        self.base_momentum, self.max_momentum = float(base_momentum), float(max_momentum)
+        if self.cycle_momentum:
+            for group in optimizer.param_groups:
+                if "betas" not in group and "momentum" not in group:
+                    raise ValueError("cycle_momentum needs an optimiser with momentum or betas (beta1)")
+
+    @staticmethod
+    def _cos(start: float, end: float, pct: float) -> float:
+        return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)  # torch's _annealing_cos
+
+    def _phase(self, global_step: int) -> tuple[int, float]:
+        """(phase, fraction of it done) at optimiser step ``global_step``, found as torch's ``get_lr``."""
+        if global_step > self.total_steps:
+            raise ValueError(f"optimiser step {global_step} is past the schedule's {self.total_steps} steps")
+        start = 0.0
+        for index, end in enumerate(self.phase_ends):
+            if global_step <= end or index == len(self.phase_ends) - 1:
+                span = end - start
+                return index, (global_step - start) / span if span else 1.0  # torch divides by zero here
+            start = end
+        raise AssertionError("unreachable")
 
     def lr_at(self, global_step: int) -> float:
-        if global_step < self.warmup_steps:
-            fraction = global_step / self.warmup_steps
-            low, high = self.start_lr, self.max_lr
-        else:
-            fraction = (global_step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
-            low, high = self.max_lr, self.end_lr
-        fraction = min(max(fraction, 0.0), 1.0)
-        return high + (low - high) * 0.5 * (1.0 + math.cos(math.pi * fraction))
+        """The lr (before ``lr_scale``) of optimiser step ``global_step`` (0-based)."""
+        phase, pct = self._phase(global_step)
+        if phase == 0:
+            return self._cos(self.initial_lr, self.max_lr, pct)
+        return self._cos(self.max_lr, self.min_lr, pct)
+
+    def momentum_at(self, global_step: int) -> float:
+        phase, pct = self._phase(global_step)
+        if phase == 0:
+            return self._cos(self.max_momentum, self.base_momentum, pct)
+        return self._cos(self.base_momentum, self.max_momentum, pct)
+
+    def global_step(self, cur_epoch: int, cur_step: int) -> int:
+        """The optimiser step that batch ``cur_step`` of epoch ``cur_epoch`` contributes to."""
+        return int(cur_epoch) * self.steps_per_epoch + int(cur_step) // self.accum_grad_iters
 
     def step(self, cur_epoch: int, cur_step: int) -> None:
-        _apply(self.optimizer, self.lr_at(cur_epoch * self.iters_per_epoch + cur_step))
+        global_step = self.global_step(cur_epoch, cur_step)
+        _apply(self.optimizer, self.lr_at(global_step))
+        if self.cycle_momentum:
+            momentum = self.momentum_at(global_step)
+            for group in self.optimizer.param_groups:
+                if "betas" in group:
+                    group["betas"] = (momentum, *group["betas"][1:])
+                else:
+                    group["momentum"] = momentum
 
 
 class MultiStepLRScheduler:

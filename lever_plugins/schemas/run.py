@@ -7,6 +7,31 @@ from typing import Iterator, Literal, Optional
 from lever_plugins.schema import Settings, setting
 
 
+# The ``run:`` keys each ``lr_sched`` reads: LAVIS 1.0.2's two (lavis/common/optims.py, built by our runner
+# with warmup_lr as warmup_start_lr and lr_decay_rate as decay_rate) and ours (lever_plugins/runners/schedulers.py).
+# A schedule key that the chosen schedule does not read is an error when the recipe sets it (not its default).
+SCHEDULE_KEYS: dict[str, tuple[str, ...]] = {
+    "linear_warmup_cosine_lr": ("init_lr", "min_lr", "warmup_lr", "warmup_steps"),
+    "linear_warmup_step_lr": ("init_lr", "min_lr", "warmup_lr", "warmup_steps", "lr_decay_rate"),
+    "lever_onecycle_lr": (
+        "init_lr", "onecycle_pct_start", "onecycle_div_factor", "onecycle_final_div_factor", "lr_horizon_epochs",
+        "onecycle_cycle_momentum", "onecycle_base_momentum", "onecycle_max_momentum",
+    ),
+    "lever_multistep_lr": ("init_lr", "warmup_lr", "warmup_steps", "lr_milestones", "lr_gamma"),
+}
+SCHEDULE_KEY_UNION: tuple[str, ...] = tuple(dict.fromkeys(k for keys in SCHEDULE_KEYS.values() for k in keys))
+# Schedules that multiply each parameter group's lr by its ``lr_scale`` (LAVIS's give every group one lr).
+SCHEDULES_WITH_LR_SCALE = ("lever_multistep_lr", "lever_onecycle_lr")
+
+
+def lr_scale_problem(key: str, scale: float, lr_sched: str) -> Optional[str]:
+    """The problem with a model's per-group lr multiplier ``key`` under ``lr_sched``, or None."""
+    if scale == 1.0 or lr_sched in SCHEDULES_WITH_LR_SCALE:
+        return None
+    return (f"{key}={scale} needs run.lr_sched {' or '.join(SCHEDULES_WITH_LR_SCALE)} (LAVIS's {lr_sched} gives "
+            f"every parameter group the same lr); or set {key}: 1.0")
+
+
 @dataclass(kw_only=True)
 class RunSettings(Settings):
     """Keys of ``run:`` read by LAVIS's runner and ours. Tasks may add keys by subclassing."""
@@ -20,14 +45,40 @@ class RunSettings(Settings):
     # optimisation
     lr_sched: Literal[
         "linear_warmup_cosine_lr", "linear_warmup_step_lr", "lever_onecycle_lr", "lever_multistep_lr"
-    ] = setting("linear_warmup_cosine_lr", help="learning-rate schedule: LAVIS 1.0.2's two, or ours (one-cycle, multi-step)")
+    ] = setting(
+        "linear_warmup_cosine_lr",
+        help="learning-rate schedule: LAVIS 1.0.2's two, or ours (one-cycle, multi-step); setting a schedule key "
+        "the chosen schedule does not read is an error",
+    )
     init_lr: float = setting(1e-5, help="peak learning rate", gt=0)
-    min_lr: float = setting(0.0, help="final learning rate of the cosine schedule", ge=0)
+    min_lr: float = setting(0.0, help="final lr of linear_warmup_cosine_lr, lower bound of linear_warmup_step_lr", ge=0)
     warmup_lr: float = setting(-1.0, help="start of the linear warm-up (-1: no warm-up)")
     warmup_steps: int = setting(0, help="linear warm-up steps", ge=0)
     lr_decay_rate: float = setting(1.0, help="per-epoch lr factor of linear_warmup_step_lr", gt=0)
     lr_milestones: list[int] = setting(default_factory=list, help="epochs at which lever_multistep_lr multiplies the lr by lr_gamma")
     lr_gamma: float = setting(0.1, help="lever_multistep_lr decay factor", gt=0)
+    onecycle_pct_start: float = setting(
+        0.3, help="lever_onecycle_lr: fraction of the schedule's optimiser steps spent warming up (torch's pct_start)", ge=0, le=1
+    )
+    onecycle_div_factor: float = setting(25.0, help="lever_onecycle_lr: the warm-up starts at init_lr / onecycle_div_factor", gt=0)
+    onecycle_final_div_factor: float = setting(
+        1e4, help="lever_onecycle_lr: the schedule ends at init_lr / onecycle_div_factor / onecycle_final_div_factor", gt=0
+    )
+    lr_horizon_epochs: Optional[int] = setting(
+        None,
+        help="lever_onecycle_lr: epochs the schedule is built over (null: max_epoch); above max_epoch, training "
+        "stops part-way down the curve (SPRC's CIRR run: 80 over 50 epochs)",
+        ge=1,
+    )
+    onecycle_cycle_momentum: bool = setting(
+        False,
+        help="lever_onecycle_lr: move AdamW's beta1 opposite the lr, onecycle_max_momentum -> onecycle_base_momentum "
+        "-> back (torch's default, SPRC's run); replaces beta1",
+    )
+    onecycle_base_momentum: float = setting(0.85, help="lever_onecycle_lr: beta1 at the lr peak (with onecycle_cycle_momentum)", ge=0, lt=1)
+    onecycle_max_momentum: float = setting(
+        0.95, help="lever_onecycle_lr: beta1 at the start and end (with onecycle_cycle_momentum)", ge=0, lt=1
+    )
     weight_decay: float = setting(0.05, help="AdamW weight decay (not applied to biases and norms)", ge=0)
     beta1: float = setting(0.9, help="AdamW beta1", gt=0, lt=1)
     beta2: float = setting(0.999, help="AdamW beta2", gt=0, lt=1)
@@ -62,8 +113,29 @@ class RunSettings(Settings):
         7200, help="seconds a rank waits at a collective (rank 0 alone embeds / writes data meanwhile)", ge=60
     )
     find_unused_parameters: bool = setting(False, help="DDP's find_unused_parameters (needed only if some trainable weights get no gradient)")
+    gather_negatives: bool = setting(
+        True, help="contrastive losses use every rank's batch as negatives (all-gather with gradient, as BLIP-2, "
+        "SPRC's LAVIS and LAPS): N processes x B train like one process x N*B; false: each rank its own batch"
+    )
 
     def extra_problems(self) -> Iterator[str]:
+        reads = SCHEDULE_KEYS[self.lr_sched]
+        for key in SCHEDULE_KEY_UNION:
+            if key not in reads and self.differs_from_default(key):
+                yield (f"{key}: lr_sched {self.lr_sched} does not read this key (it reads {', '.join(reads)}); "
+                       "remove it or choose a schedule that reads it")
+        if self.lr_sched == "lever_onecycle_lr":
+            if self.lr_horizon_epochs is not None and self.lr_horizon_epochs < self.max_epoch:
+                yield (f"lr_horizon_epochs: {self.lr_horizon_epochs} < max_epoch {self.max_epoch}; the one-cycle "
+                       "schedule ends at its horizon (null: max_epoch)")
+            if self.onecycle_cycle_momentum and self.differs_from_default("beta1"):
+                yield ("beta1: lever_onecycle_lr with onecycle_cycle_momentum: true sets beta1 at every step "
+                       "(onecycle_max_momentum -> onecycle_base_momentum -> back); remove beta1 or set "
+                       "onecycle_cycle_momentum: false")
+            if not self.onecycle_cycle_momentum:
+                for key in ("onecycle_base_momentum", "onecycle_max_momentum"):
+                    if self.differs_from_default(key):
+                        yield f"{key}: read only with onecycle_cycle_momentum: true"
         if self.lr_sched == "lever_multistep_lr" and not self.lr_milestones:
             yield "lr_milestones: lever_multistep_lr needs at least one milestone epoch"
         if self.warmup_steps > 0 and self.warmup_lr < 0:
