@@ -51,24 +51,44 @@ def validate(recipe: str, overrides: Sequence[str], no_check_paths: bool, debug:
                f"task {resolved.data['run']['task']}, datasets {', '.join(resolved.data['datasets'])})")
 
 
+RECIPE_REFERENCE_PATH = os.path.join("docs", "recipes.md")
+
+
 def recipe_reference_markdown() -> str:
-    """The README's recipe reference: one table per settings block."""
-    lines = []
+    """``docs/recipes.md``: one table per settings block; the ``run:`` keys every task shares once."""
+    from lever_plugins.schemas.run import RunSettings
+
+    def table(title: str, rows) -> list[str]:
+        lines = ["", title, "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        for key, type_name, default, help_text in rows:
+            cells = [f"`{key}`", type_name, f"`{default}`", help_text]
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        return lines
+
+    shared_run_keys = {row[0] for row in describe(RunSettings)}
+    lines = ["# Recipe reference", "",
+             "Generated from the settings dataclasses by `lever-plugins list --markdown > docs/recipes.md`; a test",
+             "keeps it in sync with the code. Every key is validated: an unknown key, a wrong type or a value out of",
+             "range is an error naming its path."]
+    lines += table("## `run` (every task)", describe(RunSettings))
     for spec in catalog.PLUGINS:
         cls = spec.settings_class()
         if cls is None:
             continue
-        lines += ["", f"#### `{spec.recipe_block}` ({spec.kind} `{spec.name}`)", "",
-                  "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-        for key, type_name, default, help_text in describe(cls):
-            cells = [f"`{key}`", type_name, f"`{default}`", help_text]
-            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        rows = describe(cls)
+        title = f"## `{spec.recipe_block}` ({spec.kind} `{spec.name}`)"
+        if issubclass(cls, RunSettings):
+            rows = [row for row in rows if row[0] not in shared_run_keys]
+            title += ": its own keys, besides the shared `run` keys"
+            if not rows:
+                continue
+        lines += table(title, rows)
     return "\n".join(lines).strip() + "\n"
 
 
 @main.command(name="list")
 @click.option("--keys/--no-keys", default=True, help="show the recipe keys each plugin reads")
-@click.option("--markdown", is_flag=True, help="print the recipe reference as Markdown tables (as in the README)")
+@click.option("--markdown", is_flag=True, help="print the recipe reference as Markdown (docs/recipes.md)")
 def list_plugins(keys: bool, markdown: bool) -> None:
     """List every registered plugin: kind, name, class, purpose and recipe keys."""
     if markdown:

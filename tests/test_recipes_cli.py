@@ -170,12 +170,18 @@ def test_lazy_public_names():
         lever_plugins.NoSuchThing  # noqa: B018
 
 
-def test_readme_recipe_reference_is_in_sync_with_the_settings():
-    from lever_plugins.cli import recipe_reference_markdown
+def test_recipe_reference_is_in_sync_with_the_settings():
+    from lever_plugins.cli import RECIPE_REFERENCE_PATH, recipe_reference_markdown
 
+    with open(os.path.join(REPO, RECIPE_REFERENCE_PATH), encoding="utf-8") as handle:
+        reference = handle.read()
+    assert reference == recipe_reference_markdown(), "regenerate with: lever-plugins list --markdown > docs/recipes.md"
+    for block in ("## `run` (every task)", "## `model` (model `lever_blip2_cir`)", "`gather_negatives`"):
+        assert block in reference
+    assert reference.count("| `max_epoch` |") == 1  # the shared run keys appear once, not once per task
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as handle:
         readme = handle.read()
-    assert recipe_reference_markdown() in readme, "regenerate with: lever-plugins list --markdown"
+    assert "docs/recipes.md" in readme and "| `max_epoch` |" not in readme
     assert readme.lstrip().startswith("# lever-plugins")
     assert "lever-plugins run recipes/demo/cirr_gated.yaml" in readme.split("\n## ")[0]
 
@@ -244,3 +250,12 @@ def test_every_shipped_recipe_validates_and_starts_with_a_how_to_comment(recipe)
     with open(path, encoding="utf-8") as handle:
         first = handle.readline()
     assert first.startswith("#"), f"{recipe}: the header comment says what it trains and how to run it"
+
+
+def test_plugin_lr_scale_needs_a_schedule_that_honours_it():
+    assert load_recipe(DEMO, ["model.gated_fusion_lr_scale=20"]) is not None  # lever_onecycle_lr
+    with pytest.raises(RecipeError, match=r"model.gated_fusion_lr_scale=20.0 needs run.lr_sched lever_multistep_lr or "
+                                          r"lever_onecycle_lr \(LAVIS's linear_warmup_cosine_lr"):
+        load_recipe(DEMO, ["model.gated_fusion_lr_scale=20", "run.lr_sched=linear_warmup_cosine_lr"])
+    # without the plugin there is nothing to scale
+    assert load_recipe(DEMO, ["model.use_gated_fusion=false", "run.lr_sched=linear_warmup_cosine_lr"]) is not None

@@ -47,6 +47,7 @@ from lever_plugins.models.blip2_components import (
     load_torch_file,
 )
 from lever_plugins.modules.gated_fusion import GatedFusionModule
+from lever_plugins.runners import distributed as lever_dist
 from lever_plugins.schemas.cir import Blip2CirSettings
 
 
@@ -84,7 +85,8 @@ class Blip2CirModel(Blip2PluginModel):
         self.prompt_tokens = nn.Parameter(torch.zeros(1, settings.qformer.num_query_token, hidden))
         self.prompt_tokens.data.normal_(mean=0.0, std=self.Qformer.config.initializer_range)
         self.max_txt_len = settings.max_txt_len
-        self.use_gated_fusion = settings.use_gated_fusion
+        # contrastive negatives from all ranks under torch.distributed (the task sets run.gather_negatives)
+        self.gather_negatives = True
         self.gated_fusion: Optional[GatedFusionModule] = None
         if settings.use_gated_fusion:
             self.gated_fusion = GatedFusionModule.from_settings(
@@ -221,7 +223,12 @@ class Blip2CirModel(Blip2PluginModel):
             samples["reference_image"], samples["text_input"], return_parts=True
         )
         target_feats = self.target_features(samples["target_image"])
-        targets = torch.arange(fusion_feats.shape[0], device=self.device)
+        # In-batch negatives from every rank (as BLIP-2 / LAPS gather), with gradient to each rank's own
+        # targets, so N processes x B compute the loss and update of one process x N*B.
+        if self.gather_negatives:
+            target_feats = lever_dist.gather_with_grad(target_feats, "lever_blip2_cir target features")
+        local = fusion_feats.shape[0]
+        targets = torch.arange(local, device=self.device) + (lever_dist.global_offset(local) if self.gather_negatives else 0)
         loss_itc = F.cross_entropy(self.similarity(fusion_feats, target_feats) / self.temp, targets)
 
         prompt_tokens = self.prompt_tokens.expand(fusion_feats.shape[0], -1, -1)

@@ -92,3 +92,56 @@ def gather_sharded(local_items: list) -> list:
     for part_rank, part in enumerate(parts):
         merged[part_rank::world_size()] = part
     return merged
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward hands each rank the summed gradient of its own slice.
+
+    Every rank's loss may use every rank's features; summing the gradients of a slice over ranks
+    (all-reduce) and keeping the local one gives, after DDP averages parameter gradients, exactly the
+    gradient of the mean loss over ranks, i.e. of one process on the concatenated batch.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        ctx.local_size = tensor.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = rank() * ctx.local_size
+        return grad[start : start + ctx.local_size]
+
+
+def _check_equal_sizes(tensor: torch.Tensor, what: str) -> None:
+    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device))
+    if len({int(s) for s in sizes}) != 1:
+        raise RuntimeError(f"gathering {what} across ranks needs equal per-rank batches, got {[int(s) for s in sizes]} "
+                           "(use a DistributedSampler, as the runner does)")
+
+
+def gather_with_grad(tensor: torch.Tensor, what: str = "features") -> torch.Tensor:
+    """``(B, ...)`` on each rank -> ``(world_size * B, ...)`` in rank order, differentiable (identity in one process)."""
+    if not is_initialized() or world_size() == 1:
+        return tensor
+    _check_equal_sizes(tensor, what)
+    return _GatherWithGrad.apply(tensor)
+
+
+def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """``(B, ...)`` -> ``(world_size * B, ...)`` in rank order, without gradient (ids, labels)."""
+    if not is_initialized() or world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def global_offset(local_size: int) -> int:
+    """Index of this rank's first row in a gathered batch (equal per-rank sizes)."""
+    return rank() * local_size if is_initialized() else 0

@@ -7,7 +7,7 @@ from typing import Iterator, Literal, Optional
 from lever_plugins.schema import Settings, setting
 from lever_plugins.schemas.blip2 import QformerSettings, VisionSettings
 from lever_plugins.schemas.gated_fusion import GatedFusionSettings
-from lever_plugins.schemas.run import RunSettings
+from lever_plugins.schemas.run import RunSettings, lr_scale_problem
 
 
 @dataclass(kw_only=True)
@@ -114,3 +114,13 @@ class FashionIQDatasetSettings(Settings):
             yield f"categories: a category is listed twice: {self.categories}"
         if not self.image_extension.startswith(".") or "/" in self.image_extension:
             yield f"image_extension: expected a file extension such as '.png', got {self.image_extension!r}"
+
+
+def cross_block_problems(data: dict) -> list[str]:
+    """Problems between the ``model:`` and ``run:`` blocks of a resolved ``lever_composed_retrieval`` recipe."""
+    model = data.get("model", {})
+    if not model.get("use_gated_fusion"):
+        return []
+    problem = lr_scale_problem("model.gated_fusion_lr_scale", float(model.get("gated_fusion_lr_scale", 1.0)),
+                               data["run"].get("lr_sched", "linear_warmup_cosine_lr"))
+    return [problem] if problem else []

@@ -82,6 +82,12 @@ class LeverTask(BaseTask):
     def after_training(self, runner) -> None:
         """Called once on the main process after training and testing (e.g. to draw figures)."""
 
+    def build_model(self, cfg):
+        model = super().build_model(cfg)
+        if hasattr(model, "gather_negatives") and self.settings is not None:
+            model.gather_negatives = self.settings.gather_negatives  # run.gather_negatives
+        return model
+
     def autocast(self, device: torch.device, dtype: Optional[torch.dtype]):
         if dtype is None:
             return contextlib.nullcontext()

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from lever_plugins.metrics.retrieval import RECALL_KS, coco_1k_5fold_metrics, retrieval_metrics
 from lever_plugins.runners import distributed as lever_dist
 from lever_plugins.schema import RecipeError
+from lever_plugins.schemas.run import lr_scale_problem
 from lever_plugins.schemas.seps_retrieval import Blip2SepsSettings, SepsRetrievalRunSettings
 from lever_plugins.tasks.base import LeverTask, model_device, to_plain
 from lever_plugins.io import atomic_output
@@ -45,7 +46,6 @@ logger = logging.getLogger(__name__)
 
 TEXT_BATCH = 256  # captions encoded at once
 ITC_IMAGE_BLOCK = 64  # images per ITC block (bounds the (v, t, Q) tensor)
-SCHEDULES_WITH_LR_SCALE = ("lever_multistep_lr", "lever_onecycle_lr")
 _BACKBONE_LR_SCALE_DEFAULT = Blip2SepsSettings.__dataclass_fields__["backbone_lr_scale"].default
 ScoreFn = Callable[[int, torch.Tensor], torch.Tensor]
 
@@ -122,14 +122,9 @@ class SepsRetrievalTask(LeverTask):
         # silently give the backbone the head's lr.
         block = to_plain(cfg.model_cfg)
         scale = block.get("backbone_lr_scale", _BACKBONE_LR_SCALE_DEFAULT) if block.get("arch") == "lever_blip2_seps" else 1.0
-        if self.settings is not None and scale != 1.0 and self.settings.lr_sched not in SCHEDULES_WITH_LR_SCALE:
-            raise RecipeError(
-                [
-                    f"model.backbone_lr_scale={scale} needs run.lr_sched {' or '.join(SCHEDULES_WITH_LR_SCALE)} "
-                    f"(LAVIS's {self.settings.lr_sched} gives every parameter group the same lr); "
-                    "or set model.backbone_lr_scale: 1.0"
-                ]
-            )
+        problem = lr_scale_problem("model.backbone_lr_scale", scale, self.settings.lr_sched) if self.settings else None
+        if problem:
+            raise RecipeError([problem])
         return super().build_model(cfg)
 
     def on_train_epoch_start(self, model: torch.nn.Module, epoch: int) -> None:
