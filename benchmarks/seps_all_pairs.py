@@ -77,8 +77,9 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(REPO / "tests"))
+    from _seps_reference import per_caption_loop_similarity
     from lever_plugins import CrossSparseAggrNet
-    from lever_plugins.modules.seps import per_caption_loop_similarity
 
     torch.set_num_threads(args.threads)
     paper, dual = MODES[args.mode]

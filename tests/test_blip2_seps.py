@@ -61,6 +61,34 @@ def test_forward_loss_is_seps_plus_weighted_itc_and_reaches_every_trained_part()
     assert model.seps_head.sparse_keep_threshold.grad.abs() > 0
 
 
+@pytest.mark.parametrize("dual", [True, False])
+def test_logged_keep_ratios_are_the_fractions_the_head_actually_keeps(dual, monkeypatch):
+    torch.manual_seed(0)
+    model = build(loss_itc_weight=0.0, seps_head={"use_dual_aggr": dual}).train()
+    head = model.seps_head
+    with torch.no_grad():  # decisions away from the budget, so a count per pair (not the constant 0.5)
+        head.sparse_keep_threshold.fill_(0.02)
+        head.dense_keep_threshold.fill_(-0.03)
+    kept = []
+    original = head._selection_weights
+
+    def recording(score, logits, keep):  # what the forward actually keeps, block by block
+        kept.append(keep.detach().clone())
+        return original(score, logits, keep)
+
+    monkeypatch.setattr(head, "_selection_weights", recording)
+    out = model(batch())
+    sparse = torch.cat([k.reshape(-1) for k in kept if k.dim() == 3])
+    dense = torch.cat([k.reshape(-1) for k in kept if k.dim() == 2])
+    assert sparse.dtype == torch.float32 and float(sparse.mean()) != pytest.approx(0.5)
+    if dual:
+        torch.testing.assert_close(out["keep_ratio"], sparse.mean())
+        torch.testing.assert_close(out["keep_ratio_dense"], dense.mean())
+    else:  # one tensor mask (D_s + D_d) / 2: the mean of the two branches' kept fractions
+        assert "keep_ratio_dense" not in out
+        torch.testing.assert_close(out["keep_ratio"], (sparse.mean() + dense.mean()) / 2)
+
+
 def test_without_itc_the_itc_branch_gets_no_gradient_and_a_frozen_vit_none_at_all():
     torch.manual_seed(0)
     model = build(loss_itc_weight=0.0, vision={"freeze": True}).train()

@@ -261,8 +261,10 @@ class Blip2SepsModel(Blip2PluginModel):
 
         Returns:
             dict with ``loss`` (back-propagated) and, for logging, ``loss_seps``, ``loss_align``,
-            ``loss_ratio``, ``loss_itc``, ``keep_ratio`` (mean keep decision of the sparse branch),
-            ``keep_ratio_dense`` (dense branch, when dual aggregation) and ``max_violation`` (0/1).
+            ``loss_ratio``, ``loss_itc``, ``keep_ratio`` (fraction of patches the sparse branch actually
+            kept: in training the head keeps the patches its decisions mark; without dual aggregation the
+            mean of both branches), ``keep_ratio_dense`` (dense branch, when dual aggregation) and
+            ``max_violation`` (0/1).
         """
         for key in ("image", "text_input", "dense_text", "image_id"):
             if key not in samples:
@@ -271,7 +273,9 @@ class Blip2SepsModel(Blip2PluginModel):
         vit_tokens = self._vit_tokens(samples["image"])
         image_tokens = self._head_image_tokens(vit_tokens)
         captions = self.encode_texts(samples["text_input"])
-        dense = self.encode_dense_texts(samples["dense_text"])
+        # Dense captions only guide the selection; without score gradients (the default) they get none.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.seps_head.selection_score_grad):
+            dense = self.encode_dense_texts(samples["dense_text"])
         output = self.seps_head(image_tokens, captions.embeddings, captions.lengths, dense.embeddings, dense.lengths)
         sims, score_mask = output if isinstance(output, tuple) else (output, None)
         loss_seps, loss_align, loss_ratio = self.seps_loss(sims, score_mask, img_ids=image_ids)

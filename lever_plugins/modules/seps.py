@@ -1,13 +1,15 @@
 """SEPS retrieval head (pure torch): text-guided patch selection, aggregation and fine-grained similarity.
 
-``CrossSparseAggrNet`` scores every (image v, caption t) pair of a batch; ``SEPSLoss`` trains it.
+``CrossSparseAggrNet`` scores every (image v, caption t) pair of a batch; ``SEPSLoss`` (defined in
+:mod:`lever_plugins.modules.seps_loss`, re-exported here) trains it.
 Lineage: LAPS (CVPR 2024) and SEPS (2025, adds a dense MLLM-written caption per image). For one pair:
 
 1. **Selection.** Each patch ``i`` of image ``v`` gets a score from image self-saliency ``s_im`` (cosine
    to the image's mean patch), text relevance ``s_st`` (cosine to the caption's mean word) and dense
-   relevance ``s_dt`` (cosine to the mean word of *image v's* dense caption). The top
-   ``num_keep = ceil(N * sparse_ratio)`` patches are kept; the dropped ones are fused into one extra
-   token, weighted by the softmax of their scores.
+   relevance ``s_dt`` (cosine to the mean word of *image v's* dense caption). Keep decisions ``D``
+   (below) choose the kept patches in training; evaluation keeps the top ``num_keep = ceil(N *
+   sparse_ratio)`` by score. The dropped ones are fused into one extra token, weighted by the softmax
+   of their scores.
 2. **Aggregation.** An MLP on each patch (LayerNorm, Linear, GELU, Linear) gives ``N_c =
    int(N * aggr_ratio * sparse_ratio)`` logits; their softmax over the kept patches yields ``N_c``
    weighted combinations of the kept patches.
@@ -53,31 +55,47 @@ depends on the image only and is an expanded view of a ``(B_v, N)`` tensor.
 exactly that many patches (after the CLS token when ``has_cls``), and a mismatch is an error that names
 ``has_cls``, never a guess from the token count.
 
-**Differentiable keep decisions.** With a fixed top-k budget the kept fraction is a constant, so a ratio
-loss on the top-k mask (the public code) has no gradient. The decision matrix ``D`` returned here is
-instead each selector's own per-patch keep decision: keep probability ``p = sigmoid((s - theta) / 0.1)``
-with ``s`` the selection score and ``theta`` a learned threshold per branch; the forward value is the
-hard decision ``p > 0.5`` (with ``use_gumbel_softmax``, in training, a two-way Gumbel sample:
-``logit + logistic noise > 0``) and the backward pass goes through ``p`` (straight-through estimator).
-``mean(D) - rho`` is therefore a real, varying quantity: the ratio term trains ``theta`` and, in the
-paper version, the score predictors (and the embeddings) so that the selector's decision boundary
-falls at the kept budget; the forward itself always keeps exactly ``num_keep`` patches (static shapes,
-batched). In the simplified version the threshold is the selector's only parameter, so there the ratio
-term is a calibration of ``theta`` and nothing else.
+**Keep decisions decide.** A fixed top-k budget makes the kept fraction a constant, so a ratio loss
+on the top-k mask (the public code) has no gradient and changes nothing. Here each branch turns its
+selection score ``s`` into per-patch decisions: logit ``z = (s - m - theta) / 0.1`` with ``m`` the
+midpoint between the pair's ``num_keep``-th and next best score and ``theta`` a learned offset per
+branch (0 at start, so the decisions start as the budget's top-``num_keep`` set); forward ``D = [z >
+0]``, backward the gradient of ``sigmoid(z)`` (straight-through). With ``use_gumbel_softmax``, in
+training, ``z`` gets two-way Gumbel (logistic) noise and the backward is that of ``sigmoid(z /
+gumbel_tau)`` (seed default ``gumbel_tau = 1``). The best-scoring patch is always kept and the worst
+always fused, so neither token set is ever empty.
+
+* *Training*: the kept set of each pair is the one ``D`` marks, a count that varies per pair. Masks
+  over the ``N`` patches carry it (no gathers): the aggregation softmax is weighted by ``D`` and the
+  extra-token softmax by ``1 - D``, exactly the masked softmaxes in the forward pass, and the
+  alignment loss reaches ``D`` through them. The returned ``score_mask`` is that ``D``: its mean is the
+  fraction actually kept, and the ratio loss on it moves ``theta`` (and, in the paper version, the
+  score predictors), which changes the kept sets and so the similarities.
+* *Evaluation*: the ``num_keep`` best-scoring patches per pair (static shapes, batched, deterministic);
+  ``eval_by_decisions=True`` keeps the ``D`` set instead (no noise: training's computation without
+  Gumbel).
+
+**Selection scores without gradient.** As in LAPS/SEPS, the guidance cosines ``s_im``, ``s_st``,
+``s_dt`` are computed without gradient: they choose patches but nothing is trained through them.
+``selection_score_grad=True`` lets them pass gradient to the patch and word embeddings (through the
+extra-token weights, and through ``D`` by the straight-through estimator). The paper's score predictor
+``s_p`` is the learned part of the score and always receives gradient, as in the reference.
 
 **Cost.** Work that depends only on the image (self-saliency, score predictors, aggregation logits,
-the whole dense branch) or only on the caption is done once; the per-pair work (text relevance, top-k,
-masked softmax, one batched matmul, similarity) runs over blocks of at most ``pair_chunk_size`` pairs,
-with no Python loop over captions. A pair's score does not depend on the rest of the batch: selection
-scores are computed in float64, so chunking or sub-batching cannot flip a top-k choice through
-rounding. Training memory grows with ``B_v * B_t`` because autograd keeps every block's intermediates
-(measured ~190 kB per pair at the defaults: +3 GB for a 128 x 128 batch); ``checkpoint_pairs=True``
-recomputes each block in the backward pass instead (+0.6 GB at 128 x 128, 1.2-1.5x the CPU time).
+the whole dense branch) or only on the caption is done once; the per-pair work (text relevance,
+selection, masked softmax, one batched matmul, similarity) runs over blocks of at most
+``pair_chunk_size`` pairs, with no Python loop over captions. A pair's score does not depend on the rest
+of the batch: selection scores are computed in float64, so chunking or sub-batching cannot flip a keep
+choice through rounding (Gumbel noise, when on, is drawn per block). Training memory grows with ``B_v *
+B_t`` because autograd keeps every block's intermediates (measured ~190 kB per pair at the defaults:
++3 GB for a 128 x 128 batch); ``checkpoint_pairs=True`` recomputes each block in the backward pass
+instead (+0.6 GB at 128 x 128, 1.2-1.5x the CPU time).
 
 Shapes: ``B_v`` images, ``B_t`` captions, ``N`` patches, ``C`` = ``embed_size``, ``L_s``/``L_d`` words.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -85,12 +103,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lever_plugins.modules.seps_loss import SEPSLoss, ScoreMask
 from lever_plugins.schema import settings_from
-from lever_plugins.schemas.seps import AGGREGATION_HIDDEN_RATIO, SepsHeadSettings, SepsLossSettings
+from lever_plugins.schemas.seps import AGGREGATION_HIDDEN_RATIO, SepsHeadSettings
 
-__all__ = ["CrossSparseAggrNet", "SEPSLoss", "ScoreMask", "per_caption_loop_similarity"]
-
-ScoreMask = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
+__all__ = ["CrossSparseAggrNet", "SEPSLoss", "ScoreMask"]
 
 KEEP_TEMPERATURE = 0.1
 SCAN_LEAKY_SLOPE = 0.1
@@ -154,6 +171,49 @@ def _top_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros(score.shape, dtype=torch.bool, device=score.device).scatter_(-1, index, True)
 
 
+class _PolicySoftmax(torch.autograd.Function):
+    """``policy_i exp(x_i) / sum_j policy_j exp(x_j)`` over the last dim, saving what a softmax saves.
+
+    Autograd of the plain formula would keep ``exp(x)`` and the product at every pair's full size (+25 %
+    training memory); this saves the output, ``x`` as given (the aggregation logits are a per-image view
+    broadcast over captions) and two per-row scalars.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+        shift = x.masked_fill(policy <= 0, float("-inf")).amax(dim=-1, keepdim=True)
+        # The clamp only touches masked-out entries above the kept maximum (it keeps exp finite there).
+        weights = torch.exp((x - shift).clamp(max=0)) * policy
+        total = weights.sum(dim=-1, keepdim=True)
+        out = weights / total
+        ctx.save_for_backward(x, out, shift, total)
+        ctx.shapes = (x.shape, policy.shape, policy.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        x, out, shift, total = ctx.saved_tensors
+        x_shape, policy_shape, policy_dtype = ctx.shapes
+        inner = grad - (grad * out).sum(dim=-1, keepdim=True)
+        grad_x = grad_policy = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (out * inner).sum_to_size(x_shape).to(x.dtype)
+        if ctx.needs_input_grad[1]:  # d out_k / d policy_i = (e_i / Z) (delta_ki - out_k)
+            would_be = torch.exp((x - shift).clamp(max=0)) / total
+            grad_policy = (would_be * inner).sum_to_size(policy_shape).to(policy_dtype)
+        return grad_x, grad_policy
+
+
+def _policy_softmax(x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+    """Softmax of ``x`` over the last dim restricted to the entries where ``policy`` (0/1 values) is 1.
+
+    ``policy_i exp(x_i) / sum_j policy_j exp(x_j)``: in the forward pass exactly the masked softmax,
+    and a gradient reaches ``policy`` (straight-through decisions), as DynamicViT's attention with a
+    keep policy. ``policy`` broadcasts to ``x`` and has at least one 1 per row.
+    """
+    return _PolicySoftmax.apply(x, policy)
+
+
 class _ImageSide(NamedTuple):
     """Everything that depends on the images only, computed once per forward."""
 
@@ -165,7 +225,7 @@ class _ImageSide(NamedTuple):
     dense_aggregation: Optional[torch.Tensor]  # dual: (B_v, N_c, N) dense-branch aggregation weights
     dense_extra: Optional[torch.Tensor]  # dual: (B_v, N) dense-branch extra-token weights
     dense_tokens: Optional[torch.Tensor]  # not dual: (B_v, M, C) unit-norm dense-branch tokens
-    dense_decision: Optional[torch.Tensor]  # training: (B_v, N) keep decisions D_d
+    dense_decision: Optional[torch.Tensor]  # deciding (training): (B_v, N) keep decisions D_d
 
 
 class _TextSide(NamedTuple):
@@ -196,11 +256,16 @@ class CrossSparseAggrNet(nn.Module):
     Args:
         embed_size: width ``C`` of patch and word embeddings.
         num_patches: patch tokens ``N`` per image, CLS excluded; must match the input.
-        sparse_ratio: fraction ``rho`` of patches kept per pair (``ceil(N * rho)`` kept).
+        sparse_ratio: fraction ``rho`` of patches kept per pair: ``ceil(N * rho)`` in evaluation, the
+            decisions' starting point in training.
         aggr_ratio: kept patches are aggregated into ``int(N * aggr_ratio * rho)`` tokens.
         use_paper_version: SEPS-paper scoring and similarity, else the public-code ones (module docstring).
         use_dual_aggr: joint sparse+dense aggregation (tuple score mask), else per-branch (tensor).
         use_gumbel_softmax: in training, sample keep decisions with two-way Gumbel noise.
+        gumbel_tau: Gumbel temperature of the decisions' backward pass (seed default 1.0).
+        selection_score_grad: let the guidance cosines of the selection scores pass gradient (default:
+            computed without gradient, as LAPS/SEPS do).
+        eval_by_decisions: evaluation keeps the decisions' patches instead of the ``num_keep`` best.
         beta: paper Eq. 3 mixing weight, in ``[0, 0.5]``.
         top_k: paper similarity: number of best matches fed to the relevance MLP.
         has_cls: the first image token is a CLS token (explicit; never guessed from the token count).
@@ -226,6 +291,9 @@ class CrossSparseAggrNet(nn.Module):
         has_cls: bool = True,
         pair_chunk_size: int = 256,
         checkpoint_pairs: bool = False,
+        gumbel_tau: float = 1.0,
+        selection_score_grad: bool = False,
+        eval_by_decisions: bool = False,
     ) -> None:
         super().__init__()
         settings = SepsHeadSettings(
@@ -237,6 +305,9 @@ class CrossSparseAggrNet(nn.Module):
             use_paper_version=use_paper_version,
             use_dual_aggr=use_dual_aggr,
             use_gumbel_softmax=use_gumbel_softmax,
+            gumbel_tau=gumbel_tau,
+            selection_score_grad=selection_score_grad,
+            eval_by_decisions=eval_by_decisions,
             beta=beta,
             top_k=top_k,
             pair_chunk_size=pair_chunk_size,
@@ -250,6 +321,9 @@ class CrossSparseAggrNet(nn.Module):
         self.use_paper_version = bool(use_paper_version)
         self.use_dual_aggr = bool(use_dual_aggr)
         self.use_gumbel_softmax = bool(use_gumbel_softmax)
+        self.gumbel_tau = float(gumbel_tau)
+        self.selection_score_grad = bool(selection_score_grad)
+        self.eval_by_decisions = bool(eval_by_decisions)
         self.beta = float(beta)
         self.top_k = int(top_k)
         self.pair_chunk_size = int(pair_chunk_size)
@@ -272,10 +346,9 @@ class CrossSparseAggrNet(nn.Module):
                 # No bias: a constant added to every score cancels in any ranking loss (it would never train).
                 nn.Linear(2 * self.top_k, 1, bias=False),
             )
-        # Paper scores lie in [0, 1 + 2 beta], raw public-code scores around 0: start mid-range.
-        threshold = 0.5 + self.beta if self.use_paper_version else 0.0
-        self.sparse_keep_threshold = nn.Parameter(torch.tensor(threshold))
-        self.dense_keep_threshold = nn.Parameter(torch.tensor(threshold))
+        # Offsets of the decision threshold from the budget's cut (0: start at the top-num_keep set).
+        self.sparse_keep_threshold = nn.Parameter(torch.zeros(()))
+        self.dense_keep_threshold = nn.Parameter(torch.zeros(()))
 
     @classmethod
     def from_settings(cls, settings: Union[SepsHeadSettings, Mapping[str, Any], None]) -> "CrossSparseAggrNet":
@@ -285,20 +358,7 @@ class CrossSparseAggrNet(nn.Module):
             ValueError: unknown keys or bad values (all problems listed).
         """
         s = settings_from(SepsHeadSettings, settings, "seps_head")
-        return cls(
-            embed_size=s.embed_size,
-            num_patches=s.num_patches,
-            sparse_ratio=s.sparse_ratio,
-            aggr_ratio=s.aggr_ratio,
-            use_paper_version=s.use_paper_version,
-            use_dual_aggr=s.use_dual_aggr,
-            use_gumbel_softmax=s.use_gumbel_softmax,
-            beta=s.beta,
-            top_k=s.top_k,
-            has_cls=s.has_cls,
-            pair_chunk_size=s.pair_chunk_size,
-            checkpoint_pairs=s.checkpoint_pairs,
-        )
+        return cls(**{field.name: getattr(s, field.name) for field in dataclasses.fields(s)})
 
     # ------------------------------------------------------------------ forward
 
@@ -320,13 +380,16 @@ class CrossSparseAggrNet(nn.Module):
             long_cap_lens: ``(B_v,)`` words per dense caption.
 
         Returns:
-            Eval mode: ``sims (B_v, B_t)``. Training mode: ``(sims, score_mask)`` with ``score_mask`` the
-            keep decisions ``(D_s, D_d)``, each ``(B_t, B_v, N)``, when ``use_dual_aggr`` and dense captions
-            are given, else one ``(B_t, B_v, N)`` tensor (module docstring).
+            Eval mode: ``sims (B_v, B_t)``, each pair keeping its ``num_keep`` best-scoring patches (or its
+            decisions' patches with ``eval_by_decisions``). Training mode: ``(sims, score_mask)``, each
+            pair keeping the patches its decisions mark, ``score_mask`` those keep decisions ``(D_s,
+            D_d)``, each ``(B_t, B_v, N)``, when ``use_dual_aggr`` and dense captions are given, else one
+            ``(B_t, B_v, N)`` tensor (module docstring); its mean is the fraction actually kept.
         """
         cap_lens, long_cap_lens = self._check_inputs(img_embs, cap_embs, cap_lens, long_cap_embs, long_cap_lens)
         need_mask = self.training
-        image = self._encode_images(img_embs, long_cap_embs, long_cap_lens, need_mask)
+        decide = self.training or self.eval_by_decisions
+        image = self._encode_images(img_embs, long_cap_embs, long_cap_lens, decide)
         text = self._encode_captions(cap_embs, cap_lens)
 
         num_images, num_captions = img_embs.shape[0], cap_embs.shape[0]
@@ -342,10 +405,10 @@ class CrossSparseAggrNet(nn.Module):
                 if checkpointed:
                     # Non-reentrant checkpoint restores the RNG state, so Gumbel noise is replayed exactly.
                     sims, decision = checkpoint(
-                        self._score_block, image, text, images, captions, need_mask, use_reentrant=False
+                        self._score_block, image, text, images, captions, decide, use_reentrant=False
                     )
                 else:
-                    sims, decision = self._score_block(image, text, images, captions, need_mask)
+                    sims, decision = self._score_block(image, text, images, captions, decide)
                 sim_blocks.append(sims)
                 mask_blocks.append(decision)
             sim_rows.append(torch.cat(sim_blocks, dim=1))
@@ -436,15 +499,33 @@ class CrossSparseAggrNet(nn.Module):
             )
         return lengths
 
-    def _keep_decision(self, score: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-        """Straight-through keep decisions: forward value 0/1, gradient of the keep probability."""
-        logit = (score.to(threshold.dtype) - threshold) / KEEP_TEMPERATURE
+    def _keep_decision(self, score: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """Keep decisions ``D (..., N)`` from selection scores: 0/1 forward, straight-through backward.
+
+        ``z = (score - m - offset) / KEEP_TEMPERATURE`` with ``m`` the midpoint between the
+        ``num_keep``-th and the next best score (``offset = 0``: exactly the budget's top set); Gumbel
+        noise in training when ``use_gumbel_softmax``. The best patch is always kept and the worst
+        always dropped (these two carry no gradient).
+        """
+        top = score.topk(self.num_keep + 1, dim=-1).values  # descending
+        logit = (score - (top[..., -2:-1] + top[..., -1:]) / 2 - offset.double()) / KEEP_TEMPERATURE
         if self.training and self.use_gumbel_softmax:
             uniform = torch.rand_like(logit).clamp(1e-6, 1 - 1e-6)
             logit = logit + torch.log(uniform) - torch.log1p(-uniform)  # two-way Gumbel = logistic noise
-        prob = torch.sigmoid(logit)
-        hard = (logit > 0).to(prob.dtype)
-        return hard + (prob - prob.detach())  # exactly 0/1 forward, gradient of prob
+            prob = torch.sigmoid(logit / self.gumbel_tau)
+        else:
+            prob = torch.sigmoid(logit)
+        prob = prob.to(offset.dtype)
+        with torch.no_grad():
+            best = score.argmax(dim=-1, keepdim=True)
+            worst = score.scatter(-1, best, float("inf")).argmin(dim=-1, keepdim=True)
+            free = torch.ones_like(prob).scatter_(-1, best, 0.0).scatter_(-1, worst, 0.0)
+            hard = (logit > 0).to(prob.dtype).scatter_(-1, best, 1.0).scatter_(-1, worst, 0.0)
+        return hard + (prob - prob.detach()) * free
+
+    def _select(self, score: torch.Tensor, offset: torch.Tensor, decide: bool) -> torch.Tensor:
+        """Kept patches: the decisions (float 0/1, differentiable) or the budget's top set (bool)."""
+        return self._keep_decision(score, offset) if decide else _top_mask(score, self.num_keep)
 
     def _predicted_scores(self, predictor: nn.Module, patches: torch.Tensor) -> torch.Tensor:
         """Paper Eq. 1: ``sigmoid(MLP(patch))``, ``(B, N)`` float64."""
@@ -460,16 +541,17 @@ class CrossSparseAggrNet(nn.Module):
         img_embs: torch.Tensor,
         long_cap_embs: Optional[torch.Tensor],
         long_cap_lens: Optional[torch.Tensor],
-        need_mask: bool,
+        decide: bool,
     ) -> _ImageSide:
         cls = img_embs[:, :1] if self.has_cls else None
         patches = img_embs[:, 1:] if self.has_cls else img_embs
-        unit_patches = F.normalize(patches, dim=-1)
-        image_direction = F.normalize(_per_item(lambda x: x.double().mean(dim=1), patches), dim=-1)
-        saliency = _cosine64(unit_patches, image_direction)  # s_im, (B_v, N)
-        dense_relevance = None
-        if long_cap_embs is not None:
-            dense_relevance = _cosine64(unit_patches, _mean_direction64(long_cap_embs, long_cap_lens))  # s_dt
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.selection_score_grad):
+            unit_patches = F.normalize(patches, dim=-1)
+            image_direction = F.normalize(_per_item(lambda x: x.double().mean(dim=1), patches), dim=-1)
+            saliency = _cosine64(unit_patches, image_direction)  # s_im, (B_v, N)
+            dense_relevance = None
+            if long_cap_embs is not None:
+                dense_relevance = _cosine64(unit_patches, _mean_direction64(long_cap_embs, long_cap_lens))  # s_dt
 
         beta = self.beta
         if self.use_paper_version:
@@ -492,12 +574,13 @@ class CrossSparseAggrNet(nn.Module):
                 dense_score = saliency + dense_relevance
             dense_mlp = self.dense_aggregation if self.use_dual_aggr else self.aggregation
             dense_logits = self._aggregation_logits(dense_mlp, patches)
-            dense_aggregation, dense_extra = self._selection_weights(dense_score, dense_logits)
+            keep = self._select(dense_score, self.dense_keep_threshold, decide)
+            dense_aggregation, dense_extra = self._selection_weights(dense_score, dense_logits, keep)
             if not self.use_dual_aggr:
                 dense_tokens = self._dense_tokens(dense_aggregation, dense_extra, patches, cls)
                 dense_aggregation = dense_extra = None
-            if need_mask:
-                dense_decision = self._keep_decision(dense_score, self.dense_keep_threshold)
+            if decide:
+                dense_decision = keep
         return _ImageSide(
             patches,
             cls,
@@ -516,24 +599,30 @@ class CrossSparseAggrNet(nn.Module):
             unit_words=F.normalize(cap_embs, dim=-1),
             word_mask=word_mask,
             word_counts=cap_lens.to(cap_embs.dtype),
-            direction64=_mean_direction64(cap_embs, cap_lens),
+            direction64=_mean_direction64(cap_embs, cap_lens) if self.selection_score_grad
+            else _mean_direction64(cap_embs.detach(), cap_lens),
         )
 
-    def _selection_weights(self, score: torch.Tensor, logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _selection_weights(
+        self, score: torch.Tensor, logits: torch.Tensor, keep: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Aggregation and extra-token weights over all ``N`` patches (zero where not applicable).
 
         Args:
             score: ``(..., N)`` float64 selection score.
             logits: ``(..., N_c, N)`` aggregation logits (broadcastable to ``score``'s leading dims).
+            keep: ``(..., N)`` kept patches: bool (evaluation budget) or 0/1 float decisions.
 
         Returns:
             ``aggregation (..., N_c, N)``: softmax of the logits over the kept patches;
             ``extra (..., N)``: softmax of the dropped patches' scores.
         """
-        keep = _top_mask(score, self.num_keep)
-        aggregation = torch.where(keep.unsqueeze(-2), logits, float("-inf")).softmax(dim=-1)
-        extra = torch.where(keep, float("-inf"), score.to(logits.dtype)).softmax(dim=-1)
-        return aggregation, extra
+        if keep.dtype == torch.bool:
+            aggregation = torch.where(keep.unsqueeze(-2), logits, float("-inf")).softmax(dim=-1)
+            extra = torch.where(keep, float("-inf"), score.to(logits.dtype)).softmax(dim=-1)
+            return aggregation, extra
+        keep = keep.to(logits.dtype)
+        return _policy_softmax(logits, keep.unsqueeze(-2)), _policy_softmax(score.to(logits.dtype), 1 - keep)
 
     def _dense_tokens(
         self, aggregation: torch.Tensor, extra: torch.Tensor, patches: torch.Tensor, cls: Optional[torch.Tensor]
@@ -545,15 +634,16 @@ class CrossSparseAggrNet(nn.Module):
         return F.normalize(torch.cat(tokens, dim=1), dim=-1)
 
     def _score_block(
-        self, image: _ImageSide, text: _TextSide, images: slice, captions: slice, need_mask: bool
+        self, image: _ImageSide, text: _TextSide, images: slice, captions: slice, decide: bool
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Similarities ``(v, t)`` and sparse keep decisions ``(v, t, N)`` for one block of pairs."""
+        """Similarities ``(v, t)`` and (when deciding) sparse keep decisions ``(v, t, N)`` for one block."""
         relevance = torch.einsum("vnc,tc->vtn", image.unit_patches[images].double(), text.direction64[captions])
         if self.use_paper_version:
             score = image.sparse_base[images, None] + self.beta * _minmax(relevance)
         else:
             score = image.sparse_base[images, None] + relevance
-        aggregation, extra = self._selection_weights(score, image.sparse_logits[images, None])
+        keep = self._select(score, self.sparse_keep_threshold, decide)
+        aggregation, extra = self._selection_weights(score, image.sparse_logits[images, None], keep)
         if image.dense_aggregation is not None:
             # Paper Eq. 4: sparse and dense aggregations summed; the extra token is the two branches' mean.
             aggregation = aggregation + image.dense_aggregation[images, None]
@@ -572,8 +662,7 @@ class CrossSparseAggrNet(nn.Module):
         if image.dense_tokens is not None:
             dense_cosines = torch.einsum("vmc,tlc->vtml", image.dense_tokens[images], words)
             sims = sims + self._similarity(dense_cosines, mask, counts)
-        decision = self._keep_decision(score, self.sparse_keep_threshold) if need_mask else None
-        return sims, decision
+        return sims, keep if decide else None
 
     @staticmethod
     def _pair_cosines(weights: torch.Tensor, patches: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
@@ -632,260 +721,8 @@ class CrossSparseAggrNet(nn.Module):
             f"sparse_ratio={self.sparse_ratio}, aggr_ratio={self.aggr_ratio}, num_keep={self.num_keep}, "
             f"num_aggregated={self.num_aggregated}, use_paper_version={self.use_paper_version}, "
             f"use_dual_aggr={self.use_dual_aggr}, use_gumbel_softmax={self.use_gumbel_softmax}, "
+            f"gumbel_tau={self.gumbel_tau}, selection_score_grad={self.selection_score_grad}, "
+            f"eval_by_decisions={self.eval_by_decisions}, "
             f"beta={self.beta}, top_k={self.top_k}, pair_chunk_size={self.pair_chunk_size}, "
             f"checkpoint_pairs={self.checkpoint_pairs}"
         )
-
-
-class SEPSLoss(nn.Module):
-    """Hinge triplet alignment in both directions plus the selection-ratio term.
-
-    ``total = align + ratio_weight * ratio``.
-
-    *Alignment.* Every caption ``j`` has one anchor pair ``(a(j), j)`` with its image row ``a(j)``:
-
-    * ``img_ids=None``: square matrix, ``a(j) = j``; positives are the diagonal.
-    * square matrix (``B_v == B_t``) with ``img_ids``: the seed convention, rows and columns are the
-      same batch of (image, caption) samples, ``img_ids[i]`` the image id of sample ``i`` (duplicates
-      allowed); ``a(j) = j``; ``(i, j)`` is positive when ``img_ids[i] == img_ids[j]``.
-    * rectangular matrix: rows are unique images, ``img_ids[j]`` is the row of caption ``j``'s image
-      (``0 <= img_ids[j] < B_v``); ``a(j) = img_ids[j]``; ``(i, j)`` positive when ``i == img_ids[j]``.
-
-    For each anchor, image-to-text costs ``[margin + S(a(j), j') - S(a(j), j)]_+`` over captions ``j'``
-    and text-to-image costs ``[margin + S(i, j) - S(a(j), j)]_+`` over images ``i``; positives are
-    never counted as negatives. Costs are summed, or with ``max_violation`` only the hardest negative
-    per anchor and direction is kept (VSE++). With unique rows and ``B_v == B_t``, order the captions
-    so that caption ``j`` belongs to row ``j`` (the two conventions then agree).
-
-    *Ratio.* For a tuple mask ``(D_s, D_d)``:
-    ``lambda_sparse (mean D_s - rho)^2 + lambda_dense (mean D_d - rho)^2``; for a tensor
-    ``(mean D - rho)^2``; for ``None`` 0.
-
-    Args:
-        margin: triplet margin.
-        target_ratio: target kept fraction ``rho``.
-        ratio_weight: weight of the ratio term.
-        max_violation: hardest negative only.
-        lambda_sparse: weight of the sparse-branch ratio term.
-        lambda_dense: weight of the dense-branch ratio term.
-    """
-
-    def __init__(
-        self,
-        margin: float = 0.2,
-        target_ratio: float = 0.5,
-        ratio_weight: float = 2.0,
-        max_violation: bool = False,
-        lambda_sparse: float = 1.0,
-        lambda_dense: float = 1.0,
-    ) -> None:
-        super().__init__()
-        SepsLossSettings(
-            margin=margin,
-            target_ratio=target_ratio,
-            ratio_weight=ratio_weight,
-            max_violation=max_violation,
-            lambda_sparse=lambda_sparse,
-            lambda_dense=lambda_dense,
-        )
-        self.margin = float(margin)
-        self.target_ratio = float(target_ratio)
-        self.ratio_weight = float(ratio_weight)
-        self.max_violation = bool(max_violation)
-        self.lambda_sparse = float(lambda_sparse)
-        self.lambda_dense = float(lambda_dense)
-
-    @classmethod
-    def from_settings(cls, settings: Union[SepsLossSettings, Mapping[str, Any], None]) -> "SEPSLoss":
-        """Build from a :class:`SepsLossSettings`, a mapping of its keys, or ``None`` (defaults)."""
-        s = settings_from(SepsLossSettings, settings, "seps_loss")
-        return cls(
-            margin=s.margin,
-            target_ratio=s.target_ratio,
-            ratio_weight=s.ratio_weight,
-            max_violation=s.max_violation,
-            lambda_sparse=s.lambda_sparse,
-            lambda_dense=s.lambda_dense,
-        )
-
-    def set_max_violation(self, max_violation: bool = True) -> None:
-        """Switch hard-negative mining on or off (the recipe switches it on after warm-up)."""
-        self.max_violation = bool(max_violation)
-
-    def forward(
-        self,
-        similarity_matrix: torch.Tensor,
-        score_mask: Optional[ScoreMask],
-        img_ids: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return ``(total, align, ratio)``, all scalars.
-
-        Args:
-            similarity_matrix: ``(B_v, B_t)`` scores, rows images, columns captions.
-            score_mask: keep decisions from the head in training mode (tuple, tensor) or None.
-            img_ids: ``(B_t,)`` see the class docstring; None = one caption per image on the diagonal.
-        """
-        align = self.alignment_loss(similarity_matrix, img_ids)
-        ratio = self.ratio_loss(score_mask, similarity_matrix)
-        return align + self.ratio_weight * ratio, align, ratio
-
-    def alignment_loss(self, similarity_matrix: torch.Tensor, img_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Summed hinge triplet loss in both directions (class docstring)."""
-        sims = similarity_matrix
-        if sims.dim() != 2:
-            raise ValueError(f"SEPSLoss: similarity_matrix must be (B_v, B_t), got shape {tuple(sims.shape)}")
-        num_images, num_captions = sims.shape
-        columns = torch.arange(num_captions, device=sims.device)
-        if img_ids is None:
-            if num_images != num_captions:
-                raise ValueError(
-                    f"SEPSLoss: similarity_matrix is {num_images} x {num_captions}; without img_ids it must be "
-                    "square (caption j belongs to image j). Pass img_ids (B_t,) = the row of each caption's image"
-                )
-            anchor_rows = columns
-            positive = torch.eye(num_images, dtype=torch.bool, device=sims.device)
-        else:
-            img_ids = torch.as_tensor(img_ids, device=sims.device)
-            if img_ids.dim() != 1 or img_ids.shape[0] != num_captions:
-                raise ValueError(
-                    f"SEPSLoss: img_ids must be (B_t,) = ({num_captions},), got shape {tuple(img_ids.shape)}"
-                )
-            if num_images == num_captions:
-                anchor_rows = columns
-                positive = img_ids[:, None] == img_ids[None, :]
-            else:
-                img_ids = img_ids.long()
-                if int(img_ids.min()) < 0 or int(img_ids.max()) >= num_images:
-                    raise ValueError(
-                        f"SEPSLoss: with {num_images} image rows and {num_captions} captions, img_ids[j] must be "
-                        f"the row (0..{num_images - 1}) of caption j's image; got values "
-                        f"{int(img_ids.min())}..{int(img_ids.max())}"
-                    )
-                anchor_rows = img_ids
-                positive = torch.arange(num_images, device=sims.device)[:, None] == img_ids[None, :]
-        anchor = sims[anchor_rows, columns]  # (B_t,)
-        image_to_text = (self.margin + sims[anchor_rows] - anchor[:, None]).clamp(min=0)  # (B_t anchors, B_t)
-        image_to_text = image_to_text.masked_fill(positive[anchor_rows], 0)
-        text_to_image = (self.margin + sims - anchor[None, :]).clamp(min=0)  # (B_v, B_t anchors)
-        text_to_image = text_to_image.masked_fill(positive, 0)
-        if self.max_violation:
-            image_to_text = image_to_text.amax(dim=1)
-            text_to_image = text_to_image.amax(dim=0)
-        return image_to_text.sum() + text_to_image.sum()
-
-    def ratio_loss(self, score_mask: Optional[ScoreMask], like: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Squared gap between the mean keep decision and ``target_ratio`` (class docstring)."""
-        rho = self.target_ratio
-        if score_mask is None:
-            return torch.zeros((), device=None if like is None else like.device)
-        if isinstance(score_mask, (tuple, list)):
-            if not 1 <= len(score_mask) <= 2:
-                raise ValueError(f"SEPSLoss: a tuple score_mask must be (D_s,) or (D_s, D_d), got {len(score_mask)} items")
-            loss = self.lambda_sparse * (score_mask[0].float().mean() - rho) ** 2
-            if len(score_mask) == 2:
-                loss = loss + self.lambda_dense * (score_mask[1].float().mean() - rho) ** 2
-            return loss
-        return (score_mask.float().mean() - rho) ** 2
-
-    def extra_repr(self) -> str:
-        return (
-            f"margin={self.margin}, target_ratio={self.target_ratio}, ratio_weight={self.ratio_weight}, "
-            f"max_violation={self.max_violation}, lambda_sparse={self.lambda_sparse}, lambda_dense={self.lambda_dense}"
-        )
-
-
-def per_caption_loop_similarity(
-    head: CrossSparseAggrNet,
-    img_embs: torch.Tensor,
-    cap_embs: torch.Tensor,
-    cap_lens: torch.Tensor,
-    long_cap_embs: Optional[torch.Tensor] = None,
-    long_cap_lens: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Reference: the same similarity as ``head`` (eval mode) computed the LAPS way, one caption at a time.
-
-    Image self-saliency and the dense-caption relevance are computed once (LAPS computes the saliency
-    before its loop); then, for every caption, selection and aggregation run again over all images:
-    score predictors, top-k, gather of the kept patches, aggregation MLP on them, both branches, as
-    the public LAPS/SEPS code does. Slow (``B_t`` Python iterations, per-image work repeated per
-    caption); it exists to check and benchmark the vectorised forward.
-
-    Returns:
-        ``(B_v, B_t)`` similarities.
-    """
-    cap_lens, long_cap_lens = head._check_inputs(img_embs, cap_embs, cap_lens, long_cap_embs, long_cap_lens)
-    paper, beta, k = head.use_paper_version, head.beta, head.num_keep
-    cls = img_embs[:, :1] if head.has_cls else None
-    patches = img_embs[:, 1:] if head.has_cls else img_embs
-    num_images, num_patches, width = patches.shape
-    sparse_mlp = head.sparse_aggregation if head.use_dual_aggr else head.aggregation
-    dense_mlp = head.dense_aggregation if head.use_dual_aggr else head.aggregation
-
-    def unit64(x: torch.Tensor) -> torch.Tensor:
-        return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-    def select_and_aggregate(score: torch.Tensor, mlp: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
-        order = score.argsort(dim=1, descending=True)
-        kept_idx, dropped_idx = order[:, :k], order[:, k:]
-        kept = patches.gather(1, kept_idx[..., None].expand(-1, -1, width))
-        dropped = patches.gather(1, dropped_idx[..., None].expand(-1, -1, width))
-        fuse = torch.softmax(score.gather(1, dropped_idx).float(), dim=1)
-        extra = (fuse[..., None] * dropped).sum(dim=1, keepdim=True)
-        weights = torch.softmax((mlp(kept) * head.aggregation_scale).transpose(1, 2), dim=-1)  # (B_v, N_c, k)
-        return torch.bmm(weights, kept), extra
-
-    def similarity(tokens: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
-        tokens = tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        align = torch.matmul(tokens, words.t())  # (B_v, M, n_words)
-        if not paper:
-            align = torch.where(align > 0, align, SCAN_LEAKY_SLOPE * align)
-        word_best, token_best = align.max(dim=1).values, align.max(dim=2).values
-        sims = word_best.mean(dim=1) + token_best.mean(dim=1)
-        if paper:
-            for best in (word_best, token_best):
-                top = best.sort(dim=1, descending=True).values[:, : head.top_k]
-                top = torch.cat([top, top.new_zeros(num_images, head.top_k - top.shape[1])], dim=1)
-                sims = sims + head.relevance_mlp(top)[:, 0]
-        return sims
-
-    # As in LAPS, the guidance scores that need no caption are computed once, before the loop.
-    unit_patches64 = unit64(patches).double()
-    saliency = (unit_patches64 * unit64(patches.double().mean(dim=1))[:, None]).sum(-1)
-    dense_relevance = None
-    if long_cap_embs is not None:
-        dense_dirs = torch.stack(
-            [unit64(long_cap_embs[v, : int(long_cap_lens[v])].double().mean(dim=0)) for v in range(num_images)]
-        )
-        dense_relevance = (unit_patches64 * dense_dirs[:, None]).sum(-1)
-
-    columns = []
-    for t in range(cap_embs.shape[0]):
-        words = cap_embs[t, : int(cap_lens[t])]
-        text_relevance = unit_patches64 @ unit64(words.double().mean(dim=0))
-        if paper:
-            predicted = torch.sigmoid(head.sparse_score_predictor(patches)[..., 0]).double()
-            sparse_score = (1 - 2 * beta) * predicted + beta * (_minmax(text_relevance) + 2 * _minmax(saliency))
-            if dense_relevance is not None:
-                sparse_score = sparse_score + beta * _minmax(dense_relevance)
-        else:
-            sparse_score = saliency + text_relevance
-        aggregated, extra = select_and_aggregate(sparse_score, sparse_mlp)
-        dense = None
-        if dense_relevance is not None:
-            if paper:
-                predicted = torch.sigmoid(head.dense_score_predictor(patches)[..., 0]).double()
-                dense_score = (1 - 2 * beta) * predicted + 2 * beta * (_minmax(dense_relevance) + _minmax(saliency))
-            else:
-                dense_score = saliency + dense_relevance
-            dense = select_and_aggregate(dense_score, dense_mlp)
-        unit_words = words / words.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        prefix = [cls] if cls is not None else []
-        if dense is not None and head.use_dual_aggr:
-            tokens = torch.cat(prefix + [aggregated + dense[0], (extra + dense[1]) / 2], dim=1)
-            sims = similarity(tokens, unit_words)
-        else:
-            sims = similarity(torch.cat(prefix + [aggregated, extra], dim=1), unit_words)
-            if dense is not None:
-                sims = sims + similarity(torch.cat(prefix + list(dense), dim=1), unit_words)
-        columns.append(sims)
-    return torch.stack(columns, dim=1)

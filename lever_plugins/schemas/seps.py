@@ -39,8 +39,9 @@ def _decimal(value: float) -> Fraction:
 class SepsHeadSettings(Settings):
     """Settings of ``CrossSparseAggrNet``: text-guided patch selection, aggregation, fine-grained similarity.
 
-    Derived sizes: ``num_keep = ceil(num_patches * sparse_ratio)`` patches are kept per (image, text)
-    pair, the rest are fused into one extra token; the kept ones are aggregated into
+    Derived sizes: ``num_keep = ceil(num_patches * sparse_ratio)`` is the evaluation budget of kept patches
+    per (image, text) pair (in training the keep decisions choose the kept set, starting from that
+    budget), the rest are fused into one extra token; the kept ones are aggregated into
     ``num_aggregated = int(num_patches * aggr_ratio * sparse_ratio)`` tokens.
     """
 
@@ -49,7 +50,13 @@ class SepsHeadSettings(Settings):
         196, ge=2, help="patch tokens N per image, CLS excluded (ViT-B/16 at 224 px: 196; BLIP-2 ViT-g at 364 px: 676)"
     )
     has_cls: bool = setting(True, help="the first image token is a CLS token (kept aside, appended to the selected tokens)")
-    sparse_ratio: float = setting(0.5, gt=0.0, lt=1.0, help="fraction rho of patches kept per pair (ViT 0.5, Swin 0.8)")
+    sparse_ratio: float = setting(
+        0.5,
+        gt=0.0,
+        lt=1.0,
+        help="fraction rho of patches kept per pair: the evaluation budget ceil(N rho) and where the training "
+        "keep decisions start (ViT 0.5, Swin 0.8)",
+    )
     aggr_ratio: float = setting(0.4, gt=0.0, le=1.0, help="kept patches are aggregated into aggr_ratio of them (ViT 0.4, Swin 0.6)")
     use_paper_version: bool = setting(
         True,
@@ -62,7 +69,23 @@ class SepsHeadSettings(Settings):
         "false = one token set per branch, similarities summed, score_mask a tensor",
     )
     use_gumbel_softmax: bool = setting(
-        False, help="sample the per-patch keep decisions with two-way Gumbel noise in training (else threshold at 0.5)"
+        False,
+        help="training: sample the per-patch keep decisions with two-way Gumbel noise (else the deterministic "
+        "decision); the decisions choose the kept patches either way",
+    )
+    gumbel_tau: float = setting(
+        1.0, gt=0.0, help="Gumbel temperature: softness of the keep decisions' backward pass (forward stays hard)"
+    )
+    selection_score_grad: bool = setting(
+        False,
+        help="let the selection scores' guidance cosines (patch vs image / caption / dense-caption mean) pass "
+        "gradient to the embeddings; false = computed without gradient, as LAPS/SEPS do (the paper's score "
+        "predictor trains either way)",
+    )
+    eval_by_decisions: bool = setting(
+        False,
+        help="evaluation keeps the patches the keep decisions mark (a count per pair, as in training) instead of "
+        "the ceil(num_patches * sparse_ratio) best-scoring ones",
     )
     beta: float = setting(0.25, ge=0.0, le=0.5, help="paper Eq. 3 mix: (1-2 beta) predictor + beta (text + dense + 2 image)")
     top_k: int = setting(5, ge=1, help="paper similarity: the top_k best word/patch matches feed the relevance MLP")
