@@ -18,10 +18,11 @@ from typing import Optional
 
 from lever_plugins.io import write_text_atomic
 from lever_plugins.recipes import ResolvedRecipe
+from lever_plugins.run_dir import PENDING_RECIPE_FILE, RECIPE_FILE, free_name
 from lever_plugins.schema import RecipeError
 
-RECIPE_FILE = "recipe.yaml"
 CHILD_ENV = "LEVER_PLUGINS_CHILD"
+CHILD_RECIPE_ENV = "LEVER_PLUGINS_RECIPE_FILE"  # the recipe file the spawned ranks run (it may be a pending one)
 RUN_MARKERS = (RECIPE_FILE, "checkpoint_last.pth", "checkpoint_best.pth", "metrics.jsonl")
 
 
@@ -30,11 +31,16 @@ class LaunchError(RuntimeError):
 
 
 def prepare_output_dir(resolved: ResolvedRecipe, *, resume: bool, overwrite: bool) -> str:
-    """Check ``run.output_dir`` and write the resolved recipe there; returns the dir.
+    """Check ``run.output_dir`` and write the resolved recipe there; returns the recipe file to run.
 
     An output dir that already holds a run is refused unless ``resume`` (continue it) or ``overwrite``
-    (its files are moved to a timestamped sibling, never deleted).
+    (its files are moved to a timestamped sibling, never deleted). Resuming with a changed recipe writes
+    it as ``recipe.pending.yaml``; the run's ``recipe.yaml`` changes only once the checkpoint has loaded
+    (:func:`lever_plugins.run_dir.commit_pending_recipe`), so a start that fails loses nothing.
     """
+    if resume and overwrite:
+        raise LaunchError("--resume and --overwrite contradict each other (--resume continues the run in "
+                          "run.output_dir, --overwrite moves it aside and starts afresh); pass one of them")
     output_dir = resolved.output_dir()
     site_packages = [p for p in sys.path if p.endswith("site-packages")]
     if any(os.path.commonpath([output_dir, p]) == p for p in site_packages if os.path.isdir(p)):
@@ -46,32 +52,25 @@ def prepare_output_dir(resolved: ResolvedRecipe, *, resume: bool, overwrite: boo
             "pass --resume to continue it or --overwrite to start afresh (old files are kept aside)"
         )
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    if existing and overwrite and not resume:
-        aside = _free_name(f"{output_dir.rstrip(os.sep)}.old-{stamp}")
+    if existing and overwrite:
+        aside = free_name(f"{output_dir.rstrip(os.sep)}.old-{stamp}")
         shutil.move(output_dir, aside)
         logging.getLogger(__name__).warning("moved the previous run in %s to %s", output_dir, aside)
     os.makedirs(output_dir, exist_ok=True)
     recipe_path = os.path.join(output_dir, RECIPE_FILE)
+    pending_path = os.path.join(output_dir, PENDING_RECIPE_FILE)
     text = resolved.to_yaml()
+    if os.path.isfile(pending_path):  # left by an earlier start that failed
+        os.remove(pending_path)
     if resume and os.path.isfile(recipe_path):
         with open(recipe_path, encoding="utf-8") as handle:
-            previous = handle.read()
-        if previous != text:  # resuming with changed settings: keep the recipe the run started with
-            kept = _free_name(os.path.join(output_dir, f"recipe.before-resume-{stamp}.yaml"))
-            write_text_atomic(kept, previous)
-            logging.getLogger(__name__).warning("the recipe differs from the run's; the previous one is kept as %s", kept)
+            if handle.read() == text:
+                return recipe_path
+        # changed settings: the run's recipe.yaml stays until the checkpoint loads into the new model
+        write_text_atomic(pending_path, text)
+        return pending_path
     write_text_atomic(recipe_path, text)
-    return output_dir
-
-
-def _free_name(path: str) -> str:
-    """``path``, or the first of ``path-2``, ``path-3``... (before a ``.yaml`` suffix) that does not exist."""
-    root, ext = os.path.splitext(path) if path.endswith(".yaml") else (path, "")
-    candidate, counter = path, 1
-    while os.path.exists(candidate):
-        counter += 1
-        candidate = f"{root}-{counter}{ext}"
-    return candidate
+    return recipe_path
 
 
 def _setup_logging(output_dir: str, is_main: bool) -> None:
@@ -127,24 +126,25 @@ def launch(resolved: ResolvedRecipe, *, resume: bool, overwrite: bool, nproc: in
 
     resume = resume or bool(resolved.data["run"].get("resume"))
     if nproc > 1 and not lever_dist.launched_by_torchrun():
-        output_dir = prepare_output_dir(resolved, resume=resume, overwrite=overwrite)
-        _spawn(os.path.join(output_dir, RECIPE_FILE), nproc=nproc, resume=resume, debug=debug)
+        recipe_path = prepare_output_dir(resolved, resume=resume, overwrite=overwrite)
+        _spawn(recipe_path, nproc=nproc, resume=resume, debug=debug)
         return
     run = resolved.data["run"]
     lever_dist.init_from_env(device=run["device"], timeout_s=run["dist_timeout_s"], init_method=run["dist_url"])
     problem: Optional[str] = None
     output_dir = resolved.output_dir()
-    if os.environ.get(CHILD_ENV) != "1" and lever_dist.is_main_process():
+    recipe_path = os.environ.get(CHILD_RECIPE_ENV) if os.environ.get(CHILD_ENV) == "1" else None
+    if recipe_path is None and lever_dist.is_main_process():
         try:
-            prepare_output_dir(resolved, resume=resume, overwrite=overwrite)
+            recipe_path = prepare_output_dir(resolved, resume=resume, overwrite=overwrite)
         except LaunchError as exc:
             problem = str(exc)
-    problem = lever_dist.broadcast_object(problem)
+    problem, recipe_path = lever_dist.broadcast_object((problem, recipe_path))
     if problem:
         raise LaunchError(problem)
     _setup_logging(output_dir, lever_dist.is_main_process())
     try:
-        run_pipeline(os.path.join(output_dir, RECIPE_FILE), resume=resume)
+        run_pipeline(recipe_path, resume=resume)
     except Exception as exc:
         if debug:
             raise
@@ -167,7 +167,7 @@ def _spawn(recipe_path: str, *, nproc: int, resume: bool, debug: bool) -> None:
     ]
     if debug:
         command.append("--debug")
-    env = dict(os.environ, **{CHILD_ENV: "1"})
+    env = dict(os.environ, **{CHILD_ENV: "1", CHILD_RECIPE_ENV: recipe_path})
     completed = subprocess.run(command, env=env)
     if completed.returncode != 0:
         raise LaunchError(f"{nproc} training processes failed (exit code {completed.returncode}); see the output above")

@@ -93,3 +93,23 @@ def test_two_processes_evaluate_like_one(tmp_path, demo_data):
     one, two = _records(tmp_path / "one"), _records(tmp_path / "two")
     assert [r["split"] for r in one] == ["val"] and one == two
     assert one[0]["recall_at50"] > 0
+
+
+def test_failed_resume_with_an_incompatible_recipe_loses_nothing(tmp_path, demo_data):
+    out = tmp_path / "run"
+    first = _run(*_args(demo_data, out, epochs=1))
+    assert "== run summary" in first.stdout and f"output folder: {out}" in first.stdout
+    assert "best epoch 0 on val (checkpoint_best.pth):" in first.stdout
+    before = {name: (out / name).read_bytes() for name in
+              ("recipe.yaml", "metrics.jsonl", "metrics.csv", "checkpoint_last.pth", "checkpoint_best.pth")}
+    failed = _run(*_args(demo_data, out, epochs=2), "--resume", "--set", "model.use_gated_fusion=false", check=False)
+    assert failed.returncode != 0 and "gated_fusion" in failed.stdout + failed.stderr
+    for name, content in before.items():
+        assert (out / name).read_bytes() == content, f"{name} was modified by a start that failed"
+    assert not list(out.glob("recipe.before-resume-*.yaml"))
+    # the run is still what it was: a compatible resume continues it and only then updates its recipe
+    _run(*_args(demo_data, out, epochs=2), "--resume")
+    assert [r["epoch"] for r in _records(out) if r["split"] == "train"] == [0, 1]
+    kept = list(out.glob("recipe.before-resume-*.yaml"))
+    assert len(kept) == 1 and "max_epoch: 1" in kept[0].read_text() and "max_epoch: 2" in (out / "recipe.yaml").read_text()
+    assert not (out / "recipe.pending.yaml").exists()

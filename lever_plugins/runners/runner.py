@@ -17,7 +17,6 @@ What it changes relative to LAVIS 1.0.2's runner (SPEC §8) and why:
 from __future__ import annotations
 
 import csv
-import datetime
 import json
 import logging
 import os
@@ -40,6 +39,8 @@ from lavis.common.registry import registry  # noqa: E402
 from lavis.runners.runner_base import RunnerBase  # noqa: E402
 
 from lever_plugins.runners import distributed as lever_dist  # noqa: E402
+from lever_plugins.run_dir import commit_pending_recipe  # noqa: E402
+from lever_plugins.runners.summary import run_summary  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +250,9 @@ class LeverRunner(RunnerBase):
 
     # ------------------------------------------------------------------------------ loop
     def train(self):
-        start_time = time.time()
+        # From the task's set-up: LAVIS builds datasets (our ICL pipeline embeds and beam-searches there)
+        # and the model before the runner exists, and that time belongs to the run.
+        start_time = getattr(self.task, "started_at", None) or time.time()
         self.log_config()
         if self.run_cfg.get("resume", False):
             self._resume_from_last()
@@ -291,7 +294,10 @@ class LeverRunner(RunnerBase):
                     self._log_metrics({"epoch": test_epoch, "split": split_name, **test_log})
         if lever_dist.is_main_process() and hasattr(self.task, "after_training"):
             self.task.after_training(self)
-        logger.info("done in %s", datetime.timedelta(seconds=int(time.time() - start_time)))
+        if lever_dist.is_main_process():
+            valid = "val" if "val" in self.valid_splits else (self.valid_splits[0] if self.valid_splits else "val")
+            logger.info("%s", run_summary(self._read_metric_records(), str(self.output_dir), time.time() - start_time,
+                                          valid_split=valid, test_splits=list(self.test_splits)))
 
     def train_epoch(self, epoch):
         self.model.train()
@@ -388,8 +394,13 @@ class LeverRunner(RunnerBase):
         path = os.path.join(self.output_dir, LAST_CHECKPOINT)
         if not os.path.isfile(path):
             logger.info("no %s in %s: starting from scratch", LAST_CHECKPOINT, self.output_dir)
+            if lever_dist.is_main_process():
+                commit_pending_recipe(str(self.output_dir))
             return
         self._load_checkpoint(path, restore_rng=True)
+        # the checkpoint fits the model the (possibly changed) recipe built: only now may the run's files change
+        if lever_dist.is_main_process():
+            commit_pending_recipe(str(self.output_dir))
         self._truncate_metrics(self.start_epoch)
 
     # ------------------------------------------------------------------------------ logging

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
 from collections import defaultdict
 from typing import Any, Mapping, Optional
 
@@ -73,7 +74,9 @@ class LeverTask(BaseTask):
             for key, value in settings.to_dict().items():
                 if key not in cfg.run_cfg:
                     cfg.run_cfg[key] = value
-        return cls(settings)
+        task = cls(settings)
+        task.started_at = time.time()  # the runner's summary reports the wall time from here
+        return task
 
     # -------------------------------------------------------------------------- hooks
     def on_train_epoch_start(self, model: torch.nn.Module, epoch: int) -> None:
