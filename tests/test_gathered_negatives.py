@@ -43,6 +43,39 @@ def cir_batch(size: int = 8) -> dict:
     }
 
 
+SEPS_CAPTIONS = ["a red circle and a blue square", "a green cross on the left", "a yellow triangle",
+                 "a purple diamond at the top", "a blue circle", "an orange square on the right and a red cross",
+                 "a green triangle at the bottom", "a red diamond"]
+SEPS_DENSE = ["a red circle on the left and a blue square at the top", "a green cross on the left and a red square",
+              "a yellow triangle on the right", "a purple diamond at the top and a green circle on the right",
+              "a blue circle at the bottom", "an orange square and a red cross on the right"]
+# captions 0/4 and 1/5 share an image across the two ranks' halves: positives by id across ranks
+SEPS_IMAGE_IDS = [0, 1, 2, 3, 0, 1, 4, 5]
+
+
+def seps_model(gather: bool = True):
+    from lever_plugins.models.blip2_seps import Blip2SepsModel
+
+    torch.manual_seed(0)
+    model = Blip2SepsModel.from_config({"arch": "lever_blip2_seps", "model_type": "tiny", "loss_itc_weight": 0.5})
+    model.gather_negatives = gather
+    return model
+
+
+def seps_batch() -> dict:
+    generator = torch.Generator().manual_seed(5)
+    images = torch.randn(6, 3, 64, 64, generator=generator)
+    return {
+        "image": images[SEPS_IMAGE_IDS],
+        "text_input": SEPS_CAPTIONS,
+        "dense_text": [SEPS_DENSE[i] for i in SEPS_IMAGE_IDS],
+        "image_id": torch.tensor(SEPS_IMAGE_IDS),
+    }
+
+
+MODELS = {"cir": (cir_model, cir_batch), "seps": (seps_model, seps_batch)}
+
+
 def local_part(batch: dict, rank: int, world: int) -> dict:
     size = len(batch["text_input"]) // world
     part = slice(rank * size, (rank + 1) * size)
@@ -57,13 +90,14 @@ def sgd_step(model, batch) -> float:
     return float(out["loss"].detach())
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str, gather: bool) -> None:
+def _worker(rank: int, world: int, init_file: str, out_dir: str, gather: bool, kind: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        model = cir_model(gather)
+        build_model, build_batch = MODELS[kind]
+        model = build_model(gather)
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=None)
-        loss = sgd_step(ddp, local_part(cir_batch(), rank, world))
+        loss = sgd_step(ddp, local_part(build_batch(), rank, world))
         losses = [None] * world
         dist.all_gather_object(losses, loss)
         if rank == 0:
@@ -72,22 +106,24 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, gather: bool) -
         dist.destroy_process_group()
 
 
-def run_two_processes(tmp_path, gather: bool) -> dict:
-    mp.spawn(_worker, args=(WORLD, str(tmp_path / "store"), str(tmp_path), gather), nprocs=WORLD, join=True)
+def run_two_processes(tmp_path, gather: bool, kind: str = "cir") -> dict:
+    mp.spawn(_worker, args=(WORLD, str(tmp_path / "store"), str(tmp_path), gather, kind), nprocs=WORLD, join=True)
     return torch.load(tmp_path / "result.pt", weights_only=True)
 
 
 @pytest.mark.slow
-def test_cir_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
-    result = run_two_processes(tmp_path, gather=True)
-    single = cir_model()
-    single_loss = sgd_step(single, cir_batch())
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_two_processes_equal_one_process_on_the_whole_batch(tmp_path, kind):
+    build_model, build_batch = MODELS[kind]
+    result = run_two_processes(tmp_path, gather=True, kind=kind)
+    single = build_model()
+    single_loss = sgd_step(single, build_batch())
     assert sum(result["losses"]) / WORLD == pytest.approx(single_loss, abs=1e-5)
-    single_state = single.state_dict()
+    single_state, initial = single.state_dict(), build_model().state_dict()
     changed = 0
     for key, value in result["state"].items():
         torch.testing.assert_close(value, single_state[key], atol=2e-6, rtol=1e-5, msg=key)
-        changed += int(not torch.equal(value, cir_model().state_dict()[key]))
+        changed += int(not torch.equal(value, initial[key]))
     assert changed > 50  # the step really moved the weights (the comparison is not of untouched tensors)
 
 

@@ -45,6 +45,7 @@ from lever_plugins.models.blip2_components import (
     load_torch_file,
 )
 from lever_plugins.modules.seps import CrossSparseAggrNet, SEPSLoss
+from lever_plugins.runners import distributed as lever_dist
 from lever_plugins.schemas.seps_retrieval import Blip2SepsSettings
 
 from lavis.models.eva_vit import interpolate_pos_embed  # noqa: E402
@@ -107,6 +108,8 @@ class Blip2SepsModel(Blip2PluginModel):
         self.seps_loss = SEPSLoss.from_settings(settings.seps_loss)
         self.max_txt_len = settings.max_txt_len
         self.max_dense_txt_len = settings.max_dense_txt_len
+        # contrastive negatives from all ranks under torch.distributed (the task sets run.gather_negatives)
+        self.gather_negatives = True
 
         self.load_checkpoints()
 
@@ -241,15 +244,27 @@ class Blip2SepsModel(Blip2PluginModel):
         return torch.einsum("vqe,te->vtq", image_itc, text_itc).amax(dim=-1)
 
     # ----------------------------------------------------------------------------------- training
-    def itc_loss(self, image_itc: torch.Tensor, text_itc: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
-        """BLIP-2's ITC, both directions, every caption of the same image a positive (soft targets)."""
+    def itc_loss(self, image_itc: torch.Tensor, text_itc: torch.Tensor, image_ids: torch.Tensor,
+                 gather: bool = False) -> torch.Tensor:
+        """BLIP-2's ITC, both directions, every caption of the same image a positive (soft targets).
+
+        With ``gather`` (under torch.distributed), this rank's images are scored against every rank's
+        texts and its texts against every rank's images (all-gathered with gradient), positives by image
+        id across ranks; the mean over ranks is then the single-process loss on the concatenated batch.
+        """
         with torch.no_grad():
             self.temp.clamp_(*TEMPERATURE_RANGE)
-        logits = self.itc_similarity(image_itc, text_itc) / self.temp  # (B, B): sample i's image vs sample j's text
-        positive = (image_ids[:, None] == image_ids[None, :]).to(logits.dtype)
+        all_image_itc, all_text_itc, all_ids = image_itc, text_itc, image_ids
+        if gather:
+            all_image_itc = lever_dist.gather_with_grad(image_itc, "lever_blip2_seps ITC image features")
+            all_text_itc = lever_dist.gather_with_grad(text_itc, "lever_blip2_seps ITC text features")
+            all_ids = lever_dist.gather_no_grad(image_ids)
+        positive = (image_ids[:, None] == all_ids[None, :]).float()  # (B, W*B): sample i vs every rank's sample j
         targets = positive / positive.sum(dim=1, keepdim=True)
-        i2t = -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
-        t2i = -(F.log_softmax(logits.t(), dim=1) * targets).sum(dim=1).mean()
+        i2t_logits = self.itc_similarity(image_itc, all_text_itc) / self.temp  # this rank's images vs all texts
+        t2i_logits = self.itc_similarity(all_image_itc, text_itc).t() / self.temp  # this rank's texts vs all images
+        i2t = -(F.log_softmax(i2t_logits, dim=1) * targets).sum(dim=1).mean()
+        t2i = -(F.log_softmax(t2i_logits, dim=1) * targets).sum(dim=1).mean()
         return (i2t + t2i) / 2
 
     def forward(self, samples: Mapping[str, Any]) -> dict:
@@ -270,15 +285,29 @@ class Blip2SepsModel(Blip2PluginModel):
             if key not in samples:
                 raise KeyError(f"lever_blip2_seps.forward: batch has no {key!r} (got {sorted(samples)})")
         image_ids = torch.as_tensor(samples["image_id"], device=self.device)
+        gather = self.gather_negatives and lever_dist.world_size() > 1
         vit_tokens = self._vit_tokens(samples["image"])
         image_tokens = self._head_image_tokens(vit_tokens)
         captions = self.encode_texts(samples["text_input"])
         # Dense captions only guide the selection; without score gradients (the default) they get none.
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.seps_head.selection_score_grad):
             dense = self.encode_dense_texts(samples["dense_text"])
-        output = self.seps_head(image_tokens, captions.embeddings, captions.lengths, dense.embeddings, dense.lengths)
+        head_inputs = (image_tokens, captions.embeddings, captions.lengths, dense.embeddings, dense.lengths, image_ids)
+        if gather:
+            # As LAPS (multi_gpu): the head and its loss run on every rank's images and captions, gathered
+            # with gradient (texts padded to the longest over ranks), so each rank computes the loss of the
+            # whole batch and DDP's average of the gradients is that loss's gradient.
+            head_inputs = (
+                lever_dist.gather_with_grad(image_tokens, "lever_blip2_seps image tokens"),
+                lever_dist.gather_padded_with_grad(captions.embeddings, 1, "lever_blip2_seps caption tokens"),
+                lever_dist.gather_no_grad(captions.lengths),
+                lever_dist.gather_padded_with_grad(dense.embeddings, 1, "lever_blip2_seps dense-caption tokens"),
+                lever_dist.gather_no_grad(dense.lengths),
+                lever_dist.gather_no_grad(image_ids),
+            )
+        output = self.seps_head(*head_inputs[:5])
         sims, score_mask = output if isinstance(output, tuple) else (output, None)
-        loss_seps, loss_align, loss_ratio = self.seps_loss(sims, score_mask, img_ids=image_ids)
+        loss_seps, loss_align, loss_ratio = self.seps_loss(sims, score_mask, img_ids=head_inputs[5])
 
         out = {
             "loss_seps": loss_seps.detach(),
@@ -288,7 +317,7 @@ class Blip2SepsModel(Blip2PluginModel):
         }
         loss = loss_seps
         if self.settings.loss_itc_weight > 0:
-            loss_itc = self.itc_loss(self._itc_image_features(vit_tokens), captions.itc, image_ids)
+            loss_itc = self.itc_loss(self._itc_image_features(vit_tokens), captions.itc, image_ids, gather=gather)
             loss = loss + self.settings.loss_itc_weight * loss_itc
             out["loss_itc"] = loss_itc.detach()
         if isinstance(score_mask, (tuple, list)):

@@ -145,3 +145,18 @@ def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
 def global_offset(local_size: int) -> int:
     """Index of this rank's first row in a gathered batch (equal per-rank sizes)."""
     return rank() * local_size if is_initialized() else 0
+
+
+def gather_padded_with_grad(tensor: torch.Tensor, dim: int = 1, what: str = "features") -> torch.Tensor:
+    """:func:`gather_with_grad` of tensors whose size along ``dim`` differs across ranks (e.g. tokens of
+    texts padded to the longest in each rank's batch): zero-padded to the longest over all ranks first."""
+    if not is_initialized() or world_size() == 1:
+        return tensor
+    length = torch.tensor([tensor.shape[dim]], dtype=torch.long, device=tensor.device)
+    dist.all_reduce(length, op=dist.ReduceOp.MAX)
+    missing = int(length) - tensor.shape[dim]
+    if missing:
+        pad_shape = list(tensor.shape)
+        pad_shape[dim] = missing
+        tensor = torch.cat([tensor, tensor.new_zeros(pad_shape)], dim=dim)
+    return gather_with_grad(tensor, what)
