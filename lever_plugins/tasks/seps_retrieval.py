@@ -20,7 +20,10 @@ baseline on the same data), and for COCO the 1K protocol (mean over folds of ``f
 ``1k_*`` / ``1k_itc_*``. ``agg_metrics`` = ``rsum``; the runner keeps the best checkpoint on ``val``
 only. After training, ``loss_curves.png`` is drawn from ``metrics.jsonl``.
 
-Every rank evaluates the full split, so multi-process metrics equal the single-process ones.
+Under torch.distributed every rank encodes the whole split (images, dense captions, captions: one pass
+each) and computes the ITC scores; the head, which dominates the cost, is sharded: each rank scores its
+share of the images (all-pairs blocks, or the re-rank candidates of its images) and the scores are
+gathered, so multi-process metrics equal the single-process ones (tested with 2 processes).
 """
 from __future__ import annotations
 
@@ -64,6 +67,17 @@ def pad_cat(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([F.pad(block, (0, 0, 0, longest - block.shape[1])) for block in blocks])
 
 
+def rerank_candidates(itc: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(V, T)`` boolean masks of each image's top-``k`` ITC captions and each caption's top-``k`` images."""
+    num_images, num_captions = itc.shape
+    itc = itc.float().cpu()
+    candidate_i2t = torch.zeros(num_images, num_captions, dtype=torch.bool)
+    candidate_i2t.scatter_(1, itc.topk(min(k, num_captions), dim=1).indices, True)
+    candidate_t2i = torch.zeros(num_images, num_captions, dtype=torch.bool)
+    candidate_t2i.scatter_(0, itc.topk(min(k, num_images), dim=0).indices, True)
+    return candidate_i2t, candidate_t2i
+
+
 def rerank_similarities(itc: torch.Tensor, k: int, score_fn: ScoreFn, show_progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-score BLIP-2's top-``k`` ITC candidates with ``score_fn`` in both directions.
 
@@ -79,11 +93,7 @@ def rerank_similarities(itc: torch.Tensor, k: int, score_fn: ScoreFn, show_progr
         any candidate's, so it ranks behind them (and ties count against the ground truth).
     """
     num_images, num_captions = itc.shape
-    itc = itc.float().cpu()
-    candidate_i2t = torch.zeros(num_images, num_captions, dtype=torch.bool)
-    candidate_i2t.scatter_(1, itc.topk(min(k, num_captions), dim=1).indices, True)
-    candidate_t2i = torch.zeros(num_images, num_captions, dtype=torch.bool)
-    candidate_t2i.scatter_(0, itc.topk(min(k, num_images), dim=0).indices, True)
+    candidate_i2t, candidate_t2i = rerank_candidates(itc, k)
     needed = candidate_i2t | candidate_t2i
     scores = torch.full((num_images, num_captions), float("nan"))
     for image in _progress(range(num_images), "re-rank", show_progress, total=num_images):
@@ -190,22 +200,34 @@ class SepsRetrievalTask(LeverTask):
         result: dict[str, Any] = {"split": dataset.split, "txt2img": txt2img, "itc": itc, "folds": folds, "mode": settings.eval_mode}
         if settings.eval_mode == "all_pairs":
             block = settings.eval_image_block
-            starts = range(0, num_images, block)
-            result["sims"] = torch.cat(
-                [head_block(slice(s, s + block)) for s in _progress(starts, f"all pairs {dataset.split}", show, len(starts))]
-            )
+            starts = list(range(0, num_images, block))
+            mine = [starts[i] for i in lever_dist.shard_indices(len(starts))]  # this rank's image blocks
+            blocks = [head_block(slice(s, s + block)) for s in _progress(mine, f"all pairs {dataset.split}", show, len(mine))]
+            result["sims"] = torch.cat(lever_dist.gather_sharded(blocks))
             return result
 
+        # Every pair any re-ranking needs (the split's and each fold's candidates), scored once: each rank
+        # scores its share of the images (a pair's head score does not depend on the rest of the call),
+        # and every rank receives all the scores.
+        needed = torch.zeros(num_images, num_captions, dtype=torch.bool)
+        for images, captions in [(slice(0, num_images), torch.arange(num_captions)), *folds]:
+            fold_i2t, fold_t2i = rerank_candidates(itc[images][:, captions], settings.k_test)
+            rows = needed[images]
+            rows[:, captions] |= fold_i2t | fold_t2i
+        scored = []
+        mine = lever_dist.shard_indices(num_images)
+        for image in _progress(mine, f"re-rank {dataset.split}", show, len(mine)):
+            captions = needed[image].nonzero().squeeze(1)
+            values = head_block(slice(image, image + 1), captions)[0] if len(captions) else torch.zeros(0)
+            scored.append((image, captions, values))
         memo = torch.full((num_images, num_captions), float("nan"))
+        for image, captions, values in lever_dist.gather_sharded(scored):
+            memo[image, captions] = values
 
         def score(image: int, captions: torch.Tensor) -> torch.Tensor:
-            # A pair's head score does not depend on the rest of the call, so scores are reused across folds.
-            todo = captions[torch.isnan(memo[image, captions])]
-            if len(todo):
-                memo[image, todo] = head_block(slice(image, image + 1), todo)[0]
             return memo[image, captions]
 
-        result["i2t"], result["t2i"] = rerank_similarities(itc, settings.k_test, score, show)
+        result["i2t"], result["t2i"] = rerank_similarities(itc, settings.k_test, score)
         result["fold_sims"] = []
         for images, captions in folds:
             offset = images.start
