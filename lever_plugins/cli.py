@@ -112,7 +112,7 @@ def list_plugins(keys: bool, markdown: bool) -> None:
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a recipe key (value parsed as YAML); repeatable")
-@click.option("--dry-run", is_flag=True, help="print the resolved recipe and what each plugin attaches where; build nothing heavy")
+@click.option("--dry-run", is_flag=True, help="print the resolved recipe (the file each key came from as a comment) and what each plugin attaches where; build nothing heavy")
 @click.option("--resume", is_flag=True, help="continue from the last checkpoint in run.output_dir")
 @click.option("--overwrite", is_flag=True, help="start afresh even if run.output_dir already holds a run (old files are moved aside)")
 @click.option("--nproc", type=int, default=1, show_default=True, help="processes on this machine (torch.distributed, gloo on CPU / nccl on GPU)")
@@ -129,9 +129,16 @@ def run(recipe: str, overrides: Sequence[str], dry_run: bool, resume: bool, over
     if dry_run:
         from lever_plugins.launch import describe_plan
 
-        click.echo(resolved.to_yaml())
+        click.echo(resolved.to_annotated_yaml())  # merged recipe, each key's source file as a comment
         click.echo(describe_plan(resolved))
+        try:  # the plan is printed either way; what `validate` would report still fails the dry run
+            load_recipe(recipe, overrides, check_paths=True)
+        except RecipeError as exc:
+            _fail(exc, debug)
         return
+    if resume and overwrite:
+        _fail(RecipeError(["--resume and --overwrite contradict each other (--resume continues the run in "
+                           "run.output_dir, --overwrite moves it aside and starts afresh); pass one of them"]), debug)
     if nproc < 1:
         _fail(RecipeError([f"--nproc: expected >= 1, got {nproc}"]), debug)
     from lever_plugins.launch import LaunchError, launch
@@ -149,6 +156,65 @@ def doctor() -> None:
 
     ok = report(click.echo)
     sys.exit(0 if ok else 1)
+
+
+@main.command(name="convert-weights")
+@click.argument("src", type=click.Path(exists=True))
+@click.argument("out", type=click.Path())
+@click.option("--temp", type=float, default=0.07, show_default=True,
+              help="transformers -> LAVIS: value of LAVIS's `temp` (transformers' BLIP-2 has no temperature)")
+@click.option("--vision-heads", type=int, default=None, help="LAVIS -> transformers: ViT attention heads (default: 16 for EVA ViT-g)")
+@click.option("--qformer-heads", type=int, default=None, help="LAVIS -> transformers: Q-Former attention heads (default: 12 for width 768)")
+@click.option("--force", is_flag=True, help="replace OUT if it exists")
+@click.option("--debug", is_flag=True, help="show tracebacks")
+def convert_weights(src: str, out: str, temp: float, vision_heads: Optional[int], qformer_heads: Optional[int],
+                    force: bool, debug: bool) -> None:
+    """Convert BLIP-2 weights between a transformers folder and the LAVIS layout `model.pretrained` reads.
+
+    SRC a folder (config.json + model.safetensors / pytorch_model.bin, e.g. Blip2ForImageTextRetrieval;
+    Blip2Model / Blip2ForConditionalGeneration give the vision and Q-Former parts): OUT is a LAVIS
+    checkpoint file. SRC a LAVIS checkpoint file: OUT is a Blip2ForImageTextRetrieval folder. Every
+    weight is accounted for: what is not used, filled in or absent is listed. (`model.pretrained` may
+    also name a transformers folder directly: it is converted in memory the same way.)
+    """
+    import yaml
+
+    from lever_plugins.models import convert_blip2 as convert
+
+    if os.path.exists(out) and not force:
+        _fail(RuntimeError(f"{out}: already exists (pass --force to replace it)"), debug)
+    if os.path.isdir(src) and os.path.isdir(out):
+        _fail(RuntimeError(f"{out}: is a folder; a transformers folder converts to a LAVIS checkpoint file"), debug)
+    try:
+        if os.path.isdir(src):
+            config, tensors = convert.read_transformers_folder(src)
+            state_dict, report = convert.transformers_to_lavis(tensors, config, source=src, temp=temp)
+            import torch
+
+            from lever_plugins.io import atomic_output
+
+            with atomic_output(out) as tmp:
+                torch.save({"model": state_dict}, tmp)
+            settings = convert.recipe_settings_for(config)
+            written = out
+        else:
+            state_dict = convert.read_checkpoint(src)
+            hf_state, config, report = convert.lavis_to_transformers(
+                state_dict, source=src, vision_heads=vision_heads, qformer_heads=qformer_heads)
+            written = convert.save_transformers_folder(hf_state, config, out)
+            settings = convert.recipe_settings_for(config)
+    except convert.ConversionError as exc:
+        _fail(exc, debug)
+        return
+    click.echo(report.text())
+    click.echo(f"wrote {written}")
+    if settings:
+        block = yaml.safe_dump({"model": settings}, sort_keys=False, default_flow_style=False)
+        click.echo("# model sizes matching these weights (recipe keys):\n" + block.rstrip())
+        vocab = (config.get("qformer_config") or {}).get("vocab_size")
+        if vocab:
+            click.echo(f"# model.qformer.vocab_file: a WordPiece vocab.txt of {vocab - 1} tokens "
+                       "(BLIP-2 adds [DEC]; bert-base-uncased for the released weights)")
 
 
 @main.command(name="gate-maps")

@@ -1,6 +1,7 @@
 """Recipes: load YAML (safely), apply ``--set`` overrides, validate every plugin key, resolve defaults.
 
-A recipe is a LAVIS config (``model:``, ``datasets:``, ``run:``). Resolution merges the model preset
+A recipe is a LAVIS config (``model:``, ``datasets:``, ``run:``); ``_base_: other.yaml`` (or a list)
+deep-merges other recipes under it (:func:`load_recipe_file`). Resolution merges the model preset
 (``model_type``) and dataset defaults shipped in ``lever_plugins/configs`` under the recipe, validates
 the result against the plugins' settings dataclasses, and returns the fully explicit recipe that ``run``
 saves next to its outputs. Nothing here imports torch or LAVIS.
@@ -9,13 +10,13 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Optional
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Optional, Tuple
 
 import yaml
 
 from lever_plugins import catalog
-from lever_plugins.schema import RecipeError, absolutise_paths, from_mapping, path_problems, suggest
+from lever_plugins.schema import RecipeError, absolutise_paths, expand_path, from_mapping, path_problems, suggest
 
 TOP_LEVEL_KEYS = ("model", "datasets", "run")
 
@@ -41,6 +42,120 @@ def load_yaml(path: str) -> dict:
     if not isinstance(data, dict):
         raise RecipeError([f"{path}: expected a mapping at the top level, got {type(data).__name__}"])
     return data
+
+
+BASE_KEY = "_base_"
+
+# A key's place in a recipe: ("model", "gated_fusion", "num_heads").
+KeyPath = Tuple[str, ...]
+
+
+def display_path(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it, else absolute."""
+    absolute = os.path.abspath(path)
+    relative = os.path.relpath(absolute)
+    return absolute if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
+
+
+def leaf_paths(node: Mapping, prefix: KeyPath = ()) -> list[KeyPath]:
+    """Every leaf key path of a nested mapping (a value that is not a non-empty mapping is a leaf)."""
+    out: list[KeyPath] = []
+    for key, value in node.items():
+        path = prefix + (key,)
+        if isinstance(value, Mapping) and value:
+            out.extend(leaf_paths(value, path))
+        else:
+            out.append(path)
+    return out
+
+
+def load_recipe_file(path: str) -> tuple[dict, dict[KeyPath, str], list[str]]:
+    """Read a recipe with its ``_base_`` recipes merged under it.
+
+    ``_base_: other.yaml`` (or a list of files, merged in order, later wins) names recipes relative to
+    the file that names them; a base may have bases of its own. Mappings merge key by key, anything
+    else (lists included) replaces. A cycle or a missing base is an error naming the chain of files.
+
+    Returns:
+        ``(data, sources, files)``: the merged mapping without ``_base_``, the file each leaf key came
+        from (``display_path`` form), and every file read, bases first.
+    """
+    files: list[str] = []
+    data, sources = _load_with_bases(path, (), files)
+    return data, sources, files
+
+
+def _load_with_bases(path: str, chain: tuple[str, ...], files: list[str]) -> tuple[dict, dict[KeyPath, str]]:
+    real = os.path.realpath(path)
+    shown = [display_path(p) for p in chain]
+    if real in [os.path.realpath(p) for p in chain]:
+        raise RecipeError([f"recipe inheritance cycle: {' -> '.join(shown + [display_path(path)])}"])
+    if chain and not os.path.isfile(path):
+        raise RecipeError([f"{display_path(path)}: base recipe not found (named in {BASE_KEY} of "
+                           f"{' -> '.join(shown)})"])
+    own = load_yaml(path)
+    bases = own.pop(BASE_KEY, None)
+    if bases is None:
+        bases = []
+    elif isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b.strip() for b in bases):
+        raise RecipeError([f"{display_path(path)}: {BASE_KEY}: expected a recipe file name or a list of them, "
+                           f"got {bases!r}"])
+    merged: dict = {}
+    sources: dict[KeyPath, str] = {}
+    here = os.path.dirname(os.path.abspath(path))
+    for base in bases:
+        base_path = expand_path(base)
+        if not os.path.isabs(base_path):
+            base_path = os.path.join(here, base_path)
+        base_data, base_sources = _load_with_bases(base_path, chain + (path,), files)
+        merged = _deep_merge(merged, base_data)
+        sources.update(base_sources)
+    merged = _deep_merge(merged, own)
+    label = display_path(path)
+    sources.update({leaf: label for leaf in leaf_paths(own)})
+    files.append(label)
+    return merged, _live_sources(merged, sources)
+
+
+def _live_sources(data: Mapping, sources: Mapping[KeyPath, str]) -> dict[KeyPath, str]:
+    """``sources`` restricted to the leaves ``data`` still has (a later file may replace a subtree)."""
+    return {leaf: sources[leaf] for leaf in leaf_paths(data) if leaf in sources}
+
+
+def annotated_yaml(data: Mapping, sources: Mapping[KeyPath, str]) -> str:
+    """``data`` as block YAML with a comment naming the source of every leaf that has one.
+
+    Loads back to ``data`` (the comments are only comments).
+    """
+    lines: list[str] = []
+    _annotate(data, sources, (), 0, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _annotate(node: Mapping, sources: Mapping[KeyPath, str], prefix: KeyPath, depth: int, lines: list[str]) -> None:
+    pad = "  " * depth
+    for key, value in node.items():
+        path = prefix + (key,)
+        if isinstance(value, Mapping) and value:
+            key_text = yaml.safe_dump({key: 0}, default_flow_style=False).rstrip("\n").rsplit(":", 1)[0]
+            lines.append(f"{pad}{key_text}:")
+            _annotate(value, sources, path, depth + 1, lines)
+            continue
+        key_text = yaml.safe_dump({key: 0}, default_flow_style=False).rstrip("\n").rsplit(":", 1)[0]
+        items = value.values() if isinstance(value, Mapping) else value if isinstance(value, list) else None
+        if items is not None and not any(isinstance(item, (Mapping, list)) for item in items):
+            text = [f"{key_text}: {yaml.safe_dump(value, default_flow_style=True, width=1_000_000).strip()}"]
+        else:
+            text = yaml.safe_dump({key: value}, sort_keys=False, default_flow_style=False, width=1_000_000)
+            text = text.rstrip("\n").split("\n")
+        note = sources.get(path)
+        if note and len(text) == 1:
+            text[0] += f"  # {note}"
+        elif note:
+            lines.append(f"{pad}# {'.'.join(map(str, path))}: {note}")
+        lines.extend(pad + line for line in text)
 
 
 def apply_overrides(recipe: dict, assignments: Iterable[str]) -> dict:
@@ -94,6 +209,10 @@ class ResolvedRecipe:
     datasets: dict
     run: Any
     source: str
+    # where each leaf key of ``data`` came from (recipe file, ``--set``, model preset, dataset defaults);
+    # keys without an entry are schema defaults
+    sources: dict = field(default_factory=dict)
+    files: list = field(default_factory=list)  # the recipe files merged, bases first
 
     @property
     def model_spec(self) -> catalog.PluginSpec:
@@ -104,6 +223,13 @@ class ResolvedRecipe:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.data, sort_keys=False, default_flow_style=False)
+
+    def to_annotated_yaml(self) -> str:
+        """The resolved recipe with the source of each key as a comment (what ``--dry-run`` prints)."""
+        files = " <- ".join(reversed(self.files)) if self.files else self.source
+        header = (f"# resolved recipe: {files} (later files win)\n"
+                  "# comment on each key: the file it came from (or --set); no comment: the schema default\n")
+        return header + annotated_yaml(self.data, self.sources)
 
 
 def to_plain(cfg: Any) -> Any:
@@ -221,13 +347,43 @@ def resolve(recipe: Mapping, source: str = "<recipe>", *, check_paths: bool = Fa
 
 
 def load_recipe(path: str, overrides: Iterable[str] = (), *, check_paths: bool = False) -> ResolvedRecipe:
-    """Load, override and resolve the recipe at ``path``."""
-    raw = load_yaml(path)
+    """Load the recipe at ``path`` (its ``_base_`` recipes merged under it), apply overrides, resolve."""
+    overrides = list(overrides)
+    raw, sources, files = load_recipe_file(path)
     try:
         raw = apply_overrides(raw, overrides)
     except RecipeError as exc:
         raise RecipeError(exc.problems, path) from None
-    return resolve(raw, source=path, check_paths=check_paths)
+    for assignment in overrides:
+        key = tuple(assignment.partition("=")[0].strip().split("."))
+        sources.update({leaf: "--set" for leaf in leaf_paths(raw) if leaf[: len(key)] == key})
+    resolved = resolve(raw, source=path, check_paths=check_paths)
+    resolved.files = files
+    resolved.sources = _resolved_sources(resolved.data, _live_sources(raw, sources))
+    return resolved
+
+
+def _resolved_sources(data: Mapping, sources: Mapping[KeyPath, str]) -> dict[KeyPath, str]:
+    """Sources of the resolved recipe's leaves: the recipe's own, then the model preset and dataset defaults."""
+    defaults: dict[KeyPath, str] = {}
+    model = data.get("model", {})
+    try:
+        preset = catalog.model_config_path(str(model.get("arch")), str(model.get("model_type")))
+        defaults.update({("model",) + leaf: f"preset {display_path(preset)}"
+                         for leaf in leaf_paths(load_yaml(preset).get("model", {}))})
+    except (RecipeError, KeyError):
+        pass
+    for name in data.get("datasets", {}):
+        default_path = catalog.dataset_config_path(name)
+        if os.path.isfile(default_path):
+            block = load_yaml(default_path).get("datasets", {}).get(name, {}) or {}
+            defaults.update({("datasets", name) + leaf: f"defaults {display_path(default_path)}" for leaf in leaf_paths(block)})
+    out = {}
+    for leaf in leaf_paths(data):
+        note = sources.get(leaf) or defaults.get(leaf)
+        if note:
+            out[leaf] = note
+    return out
 
 
 def read_resolved(output_dir: str) -> Optional[dict]:

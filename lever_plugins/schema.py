@@ -53,7 +53,8 @@ def setting(
         default_factory: for mutable defaults.
         ge, gt, le, lt: numeric bounds, checked on construction and in recipes.
         path: ``"file"`` or ``"dir"`` when the value is a local path that must exist when used
-            (``package:relative/path`` names a file shipped inside lever_plugins).
+            (``package:relative/path`` names a file shipped inside lever_plugins); ``"checkpoint"``:
+            a checkpoint file or a transformers model folder (one with a ``config.json``).
     """
     metadata = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "path": path}
     if default_factory is not _MISSING:
@@ -302,6 +303,11 @@ def path_problems(obj: Any, path: str) -> list[str]:
             out.append(f"{key_path}: file not found: {value}")
         elif kind == "dir" and not os.path.isdir(expanded):
             out.append(f"{key_path}: directory not found: {value}")
+        elif kind == "checkpoint" and not os.path.exists(expanded):
+            out.append(f"{key_path}: file not found: {value}")
+        elif kind == "checkpoint" and os.path.isdir(expanded) and not os.path.isfile(os.path.join(expanded, "config.json")):
+            out.append(f"{key_path}: {value} is a folder without config.json (expected a checkpoint file or a "
+                       "transformers BLIP-2 folder)")
     return out
 
 

@@ -213,10 +213,21 @@ def test_output_dir_guard_keeps_everything(tmp_path):
         prepare_output_dir(first, resume=False, overwrite=False)
 
     changed = load_recipe(DEMO, [f"run.output_dir={out}", "run.max_epoch=9"])
-    prepare_output_dir(changed, resume=True, overwrite=False)
+    with pytest.raises(LaunchError, match="--resume and --overwrite contradict each other"):
+        prepare_output_dir(changed, resume=True, overwrite=True)
+    to_run = prepare_output_dir(changed, resume=True, overwrite=False)
+    # until the checkpoint has loaded into the new model, the run's recipe is untouched
+    assert to_run == str(out / "recipe.pending.yaml")
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["run"]["max_epoch"] == 8
+    assert not list(out.glob("recipe.before-resume-*.yaml"))
+    from lever_plugins.run_dir import commit_pending_recipe
+
+    commit_pending_recipe(str(out))  # what the runner does once the resume succeeded
     kept = list(out.glob("recipe.before-resume-*.yaml"))
     assert len(kept) == 1 and yaml.safe_load(kept[0].read_text())["run"]["max_epoch"] == 8
     assert yaml.safe_load((out / "recipe.yaml").read_text())["run"]["max_epoch"] == 9
+    assert not (out / "recipe.pending.yaml").exists()
+    assert prepare_output_dir(changed, resume=True, overwrite=False) == str(out / "recipe.yaml")  # unchanged now
 
     prepare_output_dir(first, resume=False, overwrite=True)
     prepare_output_dir(first, resume=False, overwrite=True)  # twice in the same second: two distinct asides
@@ -259,3 +270,19 @@ def test_plugin_lr_scale_needs_a_schedule_that_honours_it():
         load_recipe(DEMO, ["model.gated_fusion_lr_scale=20", "run.lr_sched=linear_warmup_cosine_lr"])
     # without the plugin there is nothing to scale
     assert load_recipe(DEMO, ["model.use_gated_fusion=false", "run.lr_sched=linear_warmup_cosine_lr"]) is not None
+
+
+def test_dry_run_prints_the_plan_and_reports_what_validate_reports():
+    real = os.path.join(REPO, "recipes", "cirr_gated.yaml")
+    result = CliRunner().invoke(main, ["run", real, "--dry-run"])
+    assert result.exit_code == 2
+    assert "# plan: model lever_blip2_cir" in result.output  # the plan is still shown
+    validate = CliRunner().invoke(main, ["validate", real])
+    problems = sorted(line for line in validate.output.splitlines() if line.startswith("error:"))
+    assert problems and sorted(line for line in result.output.splitlines() if line.startswith("error:")) == problems
+
+
+def test_resume_with_overwrite_is_an_error(tmp_path):
+    result = CliRunner().invoke(main, ["run", DEMO, "--resume", "--overwrite", "--set", f"run.output_dir={tmp_path}"])
+    assert result.exit_code == 2 and "--resume and --overwrite contradict each other" in result.output
+    assert not any(tmp_path.iterdir())

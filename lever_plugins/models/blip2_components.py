@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lever_plugins.compat import import_lavis
+from lever_plugins.models.convert_blip2 import ConversionError, read_checkpoint
 from lever_plugins.schema import expand_path
 from lever_plugins.schemas.blip2 import QformerSettings, VisionSettings
 
@@ -34,25 +35,15 @@ class CheckpointMismatch(RuntimeError):
 
 
 def load_torch_file(path: str) -> dict:
-    """Load a checkpoint with ``weights_only=True`` (no pickled code); return its state dict."""
-    resolved = expand_path(path)
+    """A LAVIS-layout state dict from a checkpoint file (``weights_only=True``: no pickled code) or a
+    transformers BLIP-2 folder (``config.json`` + safetensors/bin), converted in memory.
+
+    The one checkpoint-loading path of our models; see :func:`lever_plugins.models.convert_blip2.read_checkpoint`.
+    """
     try:
-        checkpoint = torch.load(resolved, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointMismatch(f"{path}: checkpoint file not found") from None
-    except Exception as exc:  # unpickling refused or corrupt file
-        raise CheckpointMismatch(f"{path}: cannot load as a weights-only torch checkpoint ({type(exc).__name__}: {exc})") from None
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
-        return checkpoint["model"]
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
-        return checkpoint["state_dict"]
-    if isinstance(checkpoint, dict):
-        # SPRC's training script saves {"epoch": e, "<model class name>": state_dict}.
-        nested = [key for key, value in checkpoint.items() if isinstance(value, dict)]
-        if len(nested) == 1 and set(checkpoint) <= {"epoch", nested[0]}:
-            return checkpoint[nested[0]]
-        return checkpoint
-    raise CheckpointMismatch(f"{path}: expected a state dict or a dict with 'model', got {type(checkpoint).__name__}")
+        return read_checkpoint(path)
+    except ConversionError as exc:
+        raise CheckpointMismatch(str(exc)) from None
 
 
 def load_checked(
@@ -76,7 +67,15 @@ def load_checked(
         key is missing (or, with ``refuse_unexpected``, unexpected).
     """
     allowed_missing, ignored_unexpected = tuple(allowed_missing), tuple(ignored_unexpected)
-    result = module.load_state_dict(state_dict, strict=False)
+    try:
+        result = module.load_state_dict(state_dict, strict=False)
+    except RuntimeError as exc:  # a weight of another shape: the model settings do not match the checkpoint
+        shapes = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+        if not shapes:
+            raise
+        raise CheckpointMismatch(f"{source}: {len(shapes)} weights of another shape than this model's (do model.vision / "
+                                 f"model.qformer / embed_dim match the checkpoint?): {'; '.join(shapes[:3])}"
+                                 + (f"; ... (+{len(shapes) - 3} more)" if len(shapes) > 3 else "")) from None
     missing = [k for k in result.missing_keys if not k.startswith(allowed_missing)]
     unexpected = [k for k in result.unexpected_keys if not k.startswith(ignored_unexpected)]
     new_keys = [k for k in result.missing_keys if k.startswith(allowed_missing)]

@@ -35,7 +35,8 @@ class Blip2CirSettings(Settings):
         "plugin's alpha is never decayed"
     )
     pretrained: Optional[str] = setting(
-        None, help="local BLIP-2 checkpoint (e.g. blip2_pretrained.pth); only plugin/CIR-new keys may be missing", path="file"
+        None, help="local BLIP-2 checkpoint (e.g. blip2_pretrained.pth); only plugin/CIR-new keys may be missing",
+        path="checkpoint",  # or a transformers BLIP-2 folder, converted on load
     )
     finetuned: Optional[str] = setting(None, help="local checkpoint of this model to load after `pretrained`", path="file")
 

@@ -53,7 +53,7 @@ class Blip2SepsSettings(Settings):
     pretrained: Optional[str] = setting(
         None,
         help="local BLIP-2 checkpoint (e.g. blip2_pretrained.pth); only the head and its projections may be missing",
-        path="file",
+        path="checkpoint",  # or a transformers BLIP-2 folder, converted on load
     )
     finetuned: Optional[str] = setting(None, help="local checkpoint of this model to load after `pretrained`", path="file")
 
