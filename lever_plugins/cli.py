@@ -116,8 +116,13 @@ def list_plugins(keys: bool, markdown: bool) -> None:
 @click.option("--resume", is_flag=True, help="continue from the last checkpoint in run.output_dir")
 @click.option("--overwrite", is_flag=True, help="start afresh even if run.output_dir already holds a run (old files are moved aside)")
 @click.option("--nproc", type=int, default=1, show_default=True, help="processes on this machine (torch.distributed, gloo on CPU / nccl on GPU)")
+@click.option("--nnodes", type=int, default=1, show_default=True, help="machines in the run (each runs this command with its --node-rank)")
+@click.option("--node-rank", type=int, default=0, show_default=True, help="this machine's index among --nnodes")
+@click.option("--master-addr", default="127.0.0.1", show_default=True, help="address of node 0 (multi-node)")
+@click.option("--master-port", type=int, default=29500, show_default=True, help="free TCP port on node 0 (multi-node)")
 @click.option("--debug", is_flag=True, help="show tracebacks")
-def run(recipe: str, overrides: Sequence[str], dry_run: bool, resume: bool, overwrite: bool, nproc: int, debug: bool) -> None:
+def run(recipe: str, overrides: Sequence[str], dry_run: bool, resume: bool, overwrite: bool, nproc: int, nnodes: int,
+        node_rank: int, master_addr: str, master_port: int, debug: bool) -> None:
     """Train and evaluate from RECIPE (LAVIS's Config -> task -> datasets -> model -> runner)."""
     from lever_plugins.recipes import load_recipe
 
@@ -139,12 +144,14 @@ def run(recipe: str, overrides: Sequence[str], dry_run: bool, resume: bool, over
     if resume and overwrite:
         _fail(RecipeError(["--resume and --overwrite contradict each other (--resume continues the run in "
                            "run.output_dir, --overwrite moves it aside and starts afresh); pass one of them"]), debug)
-    if nproc < 1:
-        _fail(RecipeError([f"--nproc: expected >= 1, got {nproc}"]), debug)
-    from lever_plugins.launch import LaunchError, launch
+    from lever_plugins.launch import LaunchError, Nodes, launch
 
+    nodes = Nodes(count=nnodes, rank=node_rank, master_addr=master_addr, master_port=master_port)
+    problems = ([f"--nproc: expected >= 1, got {nproc}"] if nproc < 1 else []) + nodes.problems()
+    if problems:
+        _fail(RecipeError(problems), debug)
     try:
-        launch(resolved, resume=resume, overwrite=overwrite, nproc=nproc, debug=debug)
+        launch(resolved, resume=resume, overwrite=overwrite, nproc=nproc, debug=debug, nodes=nodes)
     except (RecipeError, LaunchError) as exc:
         _fail(exc, debug)
 

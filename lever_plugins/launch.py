@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Optional
 
@@ -120,11 +121,36 @@ def run_pipeline(recipe_path: str, *, resume: bool = False):
     return runner
 
 
-def launch(resolved: ResolvedRecipe, *, resume: bool, overwrite: bool, nproc: int = 1, debug: bool = False) -> None:
-    """Run a validated recipe here (one process, or this rank of torchrun), or spawn ``nproc`` ranks."""
+@dataclass(frozen=True)
+class Nodes:
+    """Where this machine sits in a multi-node run (torchrun's static rendezvous)."""
+
+    count: int = 1
+    rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.count < 1:
+            out.append(f"--nnodes: expected >= 1, got {self.count}")
+        if not 0 <= self.rank < max(self.count, 1):
+            out.append(f"--node-rank: expected 0 <= node rank < --nnodes ({self.count}), got {self.rank}")
+        if not 0 < self.master_port < 65536:
+            out.append(f"--master-port: expected a TCP port (1-65535), got {self.master_port}")
+        return out
+
+
+def launch(resolved: ResolvedRecipe, *, resume: bool, overwrite: bool, nproc: int = 1, debug: bool = False,
+           nodes: Nodes = Nodes()) -> None:
+    """Run a validated recipe here (one process, or this rank of torchrun), or spawn ``nproc`` ranks
+    (on each of ``nodes.count`` machines)."""
     from lever_plugins.runners import distributed as lever_dist
 
     resume = resume or bool(resolved.data["run"].get("resume"))
+    if nodes.count > 1 and not lever_dist.launched_by_torchrun():
+        _spawn_multinode(resolved, nproc=nproc, nodes=nodes, resume=resume, overwrite=overwrite, debug=debug)
+        return
     if nproc > 1 and not lever_dist.launched_by_torchrun():
         recipe_path = prepare_output_dir(resolved, resume=resume, overwrite=overwrite)
         _spawn(recipe_path, nproc=nproc, resume=resume, debug=debug)
@@ -143,6 +169,11 @@ def launch(resolved: ResolvedRecipe, *, resume: bool, overwrite: bool, nproc: in
     if problem:
         raise LaunchError(problem)
     _setup_logging(output_dir, lever_dist.is_main_process())
+    if lever_dist.is_initialized():
+        import torch.distributed as dist
+
+        logging.getLogger(__name__).info("torch.distributed: %d processes, backend %s", lever_dist.world_size(),
+                                         dist.get_backend())
     try:
         run_pipeline(recipe_path, resume=resume)
     except Exception as exc:
@@ -171,6 +202,36 @@ def _spawn(recipe_path: str, *, nproc: int, resume: bool, debug: bool) -> None:
     completed = subprocess.run(command, env=env)
     if completed.returncode != 0:
         raise LaunchError(f"{nproc} training processes failed (exit code {completed.returncode}); see the output above")
+
+
+def _spawn_multinode(resolved: ResolvedRecipe, *, nproc: int, nodes: Nodes, resume: bool, overwrite: bool,
+                     debug: bool) -> None:
+    """``torchrun --nnodes ... --node_rank ...`` on this machine's share of the ranks.
+
+    Every node runs the same resolved recipe (written to a private temporary file, so nodes need not
+    share it); the run's global rank 0 then prepares ``run.output_dir`` exactly as on one node, and the
+    other ranks wait for it.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="lever-plugins-node") as folder:
+        recipe_path = os.path.join(folder, RECIPE_FILE)
+        write_text_atomic(recipe_path, resolved.to_yaml())
+        command = [
+            sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes.count}", f"--node_rank={nodes.rank}",
+            f"--master_addr={nodes.master_addr}", f"--master_port={nodes.master_port}", f"--nproc_per_node={nproc}",
+            "-m", "lever_plugins.cli", "run", recipe_path,
+        ]
+        command += ["--resume"] if resume else []
+        command += ["--overwrite"] if overwrite else []
+        command += ["--debug"] if debug else []
+        completed = subprocess.run(command, env=dict(os.environ))
+    if completed.returncode != 0:
+        raise LaunchError(
+            f"node {nodes.rank} of {nodes.count}: its {nproc} training process(es) failed (exit code "
+            f"{completed.returncode}): a rank failed, or lost contact with the others (did another node stop? "
+            f"a collective waits at most run.dist_timeout_s); see the output above"
+        )
 
 
 def describe_plan(resolved: ResolvedRecipe) -> str:

@@ -113,3 +113,71 @@ def test_failed_resume_with_an_incompatible_recipe_loses_nothing(tmp_path, demo_
     kept = list(out.glob("recipe.before-resume-*.yaml"))
     assert len(kept) == 1 and "max_epoch: 1" in kept[0].read_text() and "max_epoch: 2" in (out / "recipe.yaml").read_text()
     assert not (out / "recipe.pending.yaml").exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _two_nodes(*args, port: int):
+    """Two 'nodes' on this machine: two launches of the CLI, one process each, joined by torchrun."""
+    nodes = [subprocess.Popen([sys.executable, "-m", "lever_plugins.cli", "run", DEMO, *args, "--nnodes", "2",
+                               "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port)],
+                              cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+             for rank in range(2)]
+    return nodes
+
+
+def test_two_nodes_evaluate_like_one(tmp_path, demo_data):
+    trained = tmp_path / "trained"
+    _run(*_args(demo_data, trained, epochs=1))
+    evaluate = ["--set", "run.evaluate=true", "--set", f"run.resume_ckpt_path={trained / 'checkpoint_best.pth'}"]
+    _run(*_args(demo_data, tmp_path / "one"), *evaluate)
+    nodes = _two_nodes(*_args(demo_data, tmp_path / "two"), *evaluate, port=_free_port())
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "torch.distributed: 2 processes, backend gloo" in outputs[0]  # one group across the two 'nodes'
+    one, two = _records(tmp_path / "one"), _records(tmp_path / "two")
+    assert [r["split"] for r in one] == ["val"] and one == two
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def test_a_node_that_dies_stops_the_other_with_a_clear_error(tmp_path, demo_data):
+    out = tmp_path / "run"
+    nodes = _two_nodes(*_args(demo_data, out, epochs=50), "--set", "run.dist_timeout_s=60", port=_free_port())
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").is_file() and time.time() < deadline:  # training is under way
+        assert nodes[0].poll() is None and nodes[1].poll() is None
+        time.sleep(0.5)
+    for pid in _descendants(nodes[1].pid) + [nodes[1].pid]:  # node 1 disappears: CLI, torchrun agent, worker
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    killed_at = time.time()
+    output = nodes[0].communicate(timeout=60 + 90)[0]
+    assert nodes[0].returncode != 0 and time.time() - killed_at < 60 + 90
+    assert "node 0 of 2: its 1 training process(es) failed" in output and "did another node stop?" in output
