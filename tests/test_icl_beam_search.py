@@ -210,6 +210,48 @@ def test_killed_generation_resumes_where_it_stopped(tmp_path):
     assert third.calls == []
 
 
+def test_every_kept_beam_is_written_keyed_by_question_id_with_its_own_scores(tmp_path):
+    from lever_plugins.icl.data import load_beam_files
+
+    support = _support(tmp_path)
+    queries = support.question_ids[:4]
+    pools = bs.random_pools(queries, support.question_ids, pool_size=5, seed=0)
+    out = str(tmp_path / "beams")
+    # NLL depends on which demonstrations are shown: every beam has its own gains.
+    table = {frozenset(s): 2.0 - 0.1 * len(s) - 0.01 * sum(q % 7 for q in s)
+             for q in queries for s in permutations(pools[q], 1)}
+    table.update({frozenset(s): 1.7 - 0.02 * sum(q % 5 for q in s) for q in queries for s in permutations(pools[q], 2)})
+    bs.run_beam_search(TableVlm(table), support, queries, pools, out, beam_size=3, shots=2, score="prob_gain", progress=False)
+    records = {r["question_id"]: r for r in read_jsonl(bs.part_path(out, 0))}
+    path = bs.merge_beam_parts(out, queries)
+    with open(os.path.join(out, bs.ALL_BEAMS_FILE)) as handle:
+        everything = json.load(handle)
+    with open(path) as handle:
+        best = json.load(handle)
+    assert sorted(int(q) for q in everything) == queries
+    for q in queries:
+        kept = everything[str(q)]
+        assert len(kept) == 3 and kept[0] == best[str(q)]  # best first, equal to the beams.json entry
+        assert kept == [{"icds": b["icds"], "scores": b["scores"]} for b in records[q]["beams"]]
+        assert len({tuple(b["icds"]) for b in kept}) == 3
+        assert len({tuple(b["scores"]) for b in kept}) > 1  # not the best beam's scores copied
+    with open(os.path.join(out, bs.POOLS_FILE), "w") as handle:
+        json.dump({str(q): pools[q] for q in queries}, handle)
+    entries = load_beam_files(path, os.path.join(out, bs.POOLS_FILE), all_beams_path=os.path.join(out, bs.ALL_BEAMS_FILE))
+    assert [len(e.sequences) for e in entries] == [3] * 4
+    assert entries[0].sequences[1] == (tuple(everything[str(queries[0])][1]["icds"]), tuple(everything[str(queries[0])][1]["scores"]))
+
+
+def test_part_records_without_beams_give_the_best_beam_only(tmp_path):
+    out = tmp_path / "beams"
+    out.mkdir()
+    with open(bs.part_path(str(out), 0), "w") as handle:  # a part file from before "beams" was recorded
+        handle.write(json.dumps({"question_id": 5, "icds": [1, 0], "scores": [0.4, 0.1]}) + "\n")
+    bs.merge_beam_parts(str(out), [5])
+    assert json.loads((out / bs.ALL_BEAMS_FILE).read_text()) == {"5": [{"icds": [1, 0], "scores": [0.4, 0.1]}]}
+    assert bs.write_all_beams(str(out), [5, 6]) is None  # query 6 is not finished
+
+
 def test_sharded_ranks_split_the_queries(tmp_path):
     support = _support(tmp_path)
     queries = support.question_ids[:5]
@@ -256,6 +298,12 @@ def test_pipeline_beam_stage_writes_seed_format_reuses_it_and_refuses_other_sett
     part = bs.part_path(str(tmp_path / "out" / "beam_search"), 0)
     stamp = os.path.getmtime(part)
     assert pipeline().beam_search() == path and os.path.getmtime(part) == stamp  # done: nothing recomputed
+    everything_path = tmp_path / "out" / "beam_search" / bs.ALL_BEAMS_FILE
+    everything = json.loads(everything_path.read_text())
+    assert set(everything) == set(beams) and all(len(everything[q]) == 2 and everything[q][0] == beams[q] for q in beams)
+    everything_path.unlink()  # a beam_dir from before beams_all.json: rebuilt from the part files, nothing rescored
+    assert pipeline().beam_search() == path and os.path.getmtime(part) == stamp
+    assert json.loads(everything_path.read_text()) == everything
     with pytest.raises(IclDataError) as info:
         pipeline(beam_size=3).beam_search()
     assert str(tmp_path / "out" / "beam_search") in str(info.value) and "beam_search.beam_size: 2 -> 3" in str(info.value)

@@ -85,6 +85,136 @@ def test_bad_beam_entries_name_the_file_and_question_id(tmp_path, record, messag
     assert text.startswith(f"{beams}: question_id 7: ") and message in text
 
 
+def test_all_beams_file_round_trip_and_old_files_still_load(tmp_path):
+    best = {"icds": [1, 0], "scores": [0.5, 0.1]}
+    beams, pools = _beam_files(tmp_path, {"30": best}, {"30": [10, 20, 30]})
+    everything = tmp_path / "beams_all.json"
+    everything.write_text(json.dumps({"30": [best, {"icds": [2, 1], "scores": [0.4, 0.05]}, {"icds": [1, 2], "scores": [0.5, -0.2]}]}))
+    (entry,) = load_beam_files(beams, pools, all_beams_path=str(everything))
+    assert entry.icds == (1, 0) and entry.scores == (0.5, 0.1)
+    assert entry.sequences == (((1, 0), (0.5, 0.1)), ((2, 1), (0.4, 0.05)), ((1, 2), (0.5, -0.2)))
+    # The seeds' format (or a run from before beams_all.json): the best beam only.
+    (old,) = load_beam_files(beams, pools)
+    assert old.beams == () and old.sequences == (((1, 0), (0.5, 0.1)),)
+
+
+@pytest.mark.parametrize(
+    "listed, message",
+    [
+        ({"30": [{"icds": [0, 1], "scores": [0.3, 0.1]}]}, "first (best) beam [0, 1] / [0.3, 0.1] is not the entry of"),
+        ({"30": [{"icds": [1, 0], "scores": [0.5, 0.1]}, {"icds": [1, 3], "scores": [0.1, 0.1]}]},
+         "question_id 30 beam 1: icd index 3 is outside the pool of 3"),
+        ({"30": [{"icds": [1, 0], "scores": [0.5, 0.1]}, {"icds": [2, 1], "scores": [0.1]}]}, "beam 1: 'scores' must hold one number per icd"),
+        ({"30": [{"icds": [1, 0], "scores": [0.5, 0.1]}, {"icds": [2], "scores": [0.1]}]}, "beams of different lengths [1, 2]"),
+        ({"30": []}, "expected a non-empty list of beams"),
+        ({"30": [{"icds": [1, 0], "scores": [0.5, 0.1]}], "31": [{"icds": [1, 0], "scores": [0.5, 0.1]}]}, "extra [31]"),
+        ({}, "missing [30]"),
+    ],
+)
+def test_all_beams_file_problems_name_the_file_and_question_id(tmp_path, listed, message):
+    beams, pools = _beam_files(tmp_path, {"30": {"icds": [1, 0], "scores": [0.5, 0.1]}}, {"30": [10, 20, 30]})
+    everything = tmp_path / "beams_all.json"
+    everything.write_text(json.dumps(listed))
+    with pytest.raises(IclDataError) as info:
+        load_beam_files(beams, pools, all_beams_path=str(everything))
+    assert str(info.value).startswith(f"{everything}: ") and message in str(info.value)
+
+
+def _pointer_data(tmp_path, with_all_beams=True, **keys):
+    """40 supporting questions, each a beam-search query with a pool of 4 and 3 kept beams of 2 icds."""
+    import torch
+
+    from lever_plugins.icl import beam_search as bs
+    from lever_plugins.icl import embed as features
+
+    ids = list(range(100, 140))
+    rows = [(q, q, f"what color is the kite {q} ?", ["red"] * 10) for q in ids]
+    train_q, train_a = write_vqa_files(tmp_path / "data", "train", rows)
+    eval_q, eval_a = write_vqa_files(tmp_path / "data", "eval", rows[:2])
+    feature_dir, beam_dir = tmp_path / "features", tmp_path / "beams"
+    feature_dir.mkdir()
+    beam_dir.mkdir()
+    table = {"question_ids": torch.tensor(ids), "embeddings": torch.randn(len(ids), 8)}
+    for name in features.TABLES:
+        torch.save(table, feature_dir / f"{name}.pt")
+    (feature_dir / features.MANIFEST).write_text(json.dumps({"complete": True}))
+    pools, best, everything = {}, {}, {}
+    for q in ids:
+        pools[str(q)] = [c for c in ids if c != q][:4]
+        kept = [{"icds": [b, (b + 1) % 4], "scores": [0.9 - 0.1 * b + q / 1000, 0.01 * b - q / 10000]} for b in range(3)]
+        best[str(q)], everything[str(q)] = kept[0], kept
+    (beam_dir / bs.BEAMS_FILE).write_text(json.dumps(best))
+    (beam_dir / bs.POOLS_FILE).write_text(json.dumps(pools))
+    if with_all_beams:
+        (beam_dir / bs.ALL_BEAMS_FILE).write_text(json.dumps(everything))
+    settings = VqaIclDatasetSettings(train_questions=train_q, train_annotations=train_a, eval_questions=eval_q,
+                                     eval_annotations=eval_a, val_fraction=0.25, **keys)
+    return settings, load_vqa_split("train", train_q, train_a), str(feature_dir), str(beam_dir), everything
+
+
+def test_pointer_datasets_train_on_every_beam_split_by_question_id(tmp_path):
+    import torch
+
+    from lever_plugins.icl.pipeline import build_pointer_datasets
+
+    settings, train, feature_dir, beam_dir, everything = _pointer_data(tmp_path, beam_score_transform="none")
+    assert settings.train_on == "all"  # the default, as Lever-LM
+    out = build_pointer_datasets(settings, train, feature_dir, beam_dir)
+    train_ds, val_ds = out["train"], out["val"]
+    train_ids = {e.question_id for e in train_ds.entries}
+    val_ids = {e.question_id for e in val_ds.entries}
+    assert train_ids and val_ids and train_ids.isdisjoint(val_ids) and len(train_ids | val_ids) == 40
+    assert len(train_ds) == 3 * len(train_ids) and len(val_ds) == len(val_ids)  # val: the best beam only
+    seen = set()
+    for index in range(len(train_ds)):
+        item = train_ds[index]
+        beam = everything[str(item["question_id"])][item["beam_rank"]]
+        # Each sequence comes with its own labels and its own scores.
+        assert item["labels"].tolist() == beam["icds"]
+        assert item["beam_scores"].tolist() == pytest.approx(beam["scores"])
+        seen.add((item["question_id"], item["beam_rank"]))
+    assert seen == {(q, b) for q in train_ids for b in range(3)}
+    assert {val_ds[i]["beam_rank"] for i in range(len(val_ds))} == {0}
+    batch = train_ds.collater([train_ds[i] for i in range(5)])
+    assert batch["beam_rank"].dtype == torch.long and batch["labels"].shape == (5, 2)
+
+    best_only = build_pointer_datasets(
+        VqaIclDatasetSettings(**{**settings.to_dict(), "train_on": "best"}), train, feature_dir, beam_dir
+    )
+    assert len(best_only["train"]) == len(train_ids) and {e.question_id for e in best_only["train"].entries} == train_ids
+
+
+def test_pointer_datasets_fit_the_score_transform_on_the_training_sequences(tmp_path):
+    import torch
+
+    from lever_plugins.icl.pipeline import build_pointer_datasets
+
+    settings, train, feature_dir, beam_dir, _ = _pointer_data(tmp_path)
+    assert settings.beam_score_transform == "zscore"
+    out = build_pointer_datasets(settings, train, feature_dir, beam_dir)
+    raw = out["train"].raw_beam_scores.double()
+    mean, std = raw.mean(), raw.std(unbiased=False)
+    torch.testing.assert_close(out["train"].beam_scores.double(), (raw - mean) / std, atol=1e-5, rtol=0)
+    # Validation scores go through the training statistics, not their own.
+    val_raw = out["val"].raw_beam_scores.double()
+    torch.testing.assert_close(out["val"].beam_scores.double(), (val_raw - mean) / std, atol=1e-5, rtol=0)
+    # The first steps (~0.8-1.0) and second steps (~0.0) land on either side of 0.
+    assert (out["train"].beam_scores[:, 0] > 0.5).all() and (out["train"].beam_scores[:, 1] < -0.5).all()
+    ranked = build_pointer_datasets(VqaIclDatasetSettings(**{**settings.to_dict(), "beam_score_transform": "rank"}),
+                                    train, feature_dir, beam_dir)["train"].beam_scores
+    assert ranked.mean().abs() < 1e-6 and ranked.min() > -3 and ranked.max() < 3
+
+
+def test_pointer_datasets_from_best_beam_files_train_on_the_best_beam(tmp_path, caplog):
+    from lever_plugins.icl.pipeline import build_pointer_datasets
+
+    settings, train, feature_dir, beam_dir, _ = _pointer_data(tmp_path, with_all_beams=False)
+    with caplog.at_level("WARNING"):
+        out = build_pointer_datasets(settings, train, feature_dir, beam_dir)
+    assert len(out["train"]) == len(out["train"].entries)
+    assert "training on the best beam of each query" in caplog.text
+
+
 def test_pool_problems_are_reported(tmp_path):
     beams, pools = _beam_files(tmp_path, {"7": {"icds": [0], "scores": [1.0]}}, {"8": [1, 2]})
     with pytest.raises(IclDataError, match=r"no candidate pool for question_id 7"):
@@ -175,3 +305,10 @@ def test_dataset_needs_files_or_the_demo():
     with pytest.raises(ValueError, match="train_image_template: must contain"):
         VqaIclDatasetSettings(generate_demo=True, root="/tmp", train_image_template="x.jpg")
     assert VqaIclDatasetSettings(generate_demo=True, root="/tmp").val_fraction == 0.1
+    defaults = VqaIclDatasetSettings(generate_demo=True, root="/tmp")
+    assert (defaults.train_on, defaults.beam_score_transform) == ("all", "zscore")
+    problems: list[str] = []
+    from_mapping(VqaIclDatasetSettings, {"generate_demo": True, "root": "/tmp", "train_on": "top3",
+                                         "beam_score_transform": "minmax"}, "datasets.lever_vqa_icl", problems)
+    assert any(p.startswith("datasets.lever_vqa_icl.train_on:") for p in problems)
+    assert any(p.startswith("datasets.lever_vqa_icl.beam_score_transform:") for p in problems)

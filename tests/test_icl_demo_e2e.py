@@ -65,6 +65,9 @@ def test_demo_pipeline_survives_a_kill_and_the_selector_beats_random_and_zero_sh
     beams = json.loads((tmp_path / "out" / "beam_search" / "beams.json").read_text())
     pools = json.loads((tmp_path / "out" / "beam_search" / "pools.json").read_text())
     assert len(beams) == QUERIES and all(len(pools[q]) == 16 and len(b["icds"]) == 2 for q, b in beams.items())
+    # Every kept beam (beam_size 2), best first, for training with train_on: all (the default).
+    everything = json.loads((tmp_path / "out" / "beam_search" / "beams_all.json").read_text())
+    assert set(everything) == set(beams) and all(len(everything[q]) == 2 and everything[q][0] == beams[q] for q in beams)
 
     out = tmp_path / "out"
     val = [r for r in csv.DictReader(open(out / "metrics.csv")) if r["split"] == "val"]

@@ -308,6 +308,28 @@ def test_v3_needs_its_ranking_inputs():
     assert "loss" not in build_model_v3(SMALL)(query, cands, labels, return_loss=False)
 
 
+def test_v3_radi_pairwise_space_reaches_the_loss():
+    from lever_plugins.modules.ranking import adaptive_pairwise_distillation_loss
+
+    query, cands, labels, _ = _inputs()
+    teacher = mc_dropout_logits(build_model_v1(SMALL), query, cands, labels, num_samples=3)
+    values = {}
+    for space in ("logits", "probs"):
+        model = build_model_v3({**SMALL, "ranking_loss_type": "radi_pairwise", "radi_pairwise_space": space, "ranking_margin": 0.4})
+        model.load_state_dict(MODELS[0].state_dict())
+        model.eval()
+        out = model(query, cands, labels, teacher_logits=teacher)
+        logits, available = out["logits"].reshape(-1, 10), torch.isfinite(out["logits"]).reshape(-1, 10)
+        expected = adaptive_pairwise_distillation_loss(logits, teacher.reshape(3, -1, 10), available, margin=0.4,
+                                                       top_k=model.config.radi_hot_k, space=space)
+        assert out["ranking_loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+        values[space] = out["ranking_loss"].item()
+    assert values["logits"] != pytest.approx(values["probs"], rel=1e-3)
+    assert PointerSelectorV3Config().radi_pairwise_space == "logits"
+    with pytest.raises(ValueError, match="radi_pairwise_space"):
+        PointerSelectorV3Config(radi_pairwise_space="ranks")
+
+
 def test_mc_dropout_logits_shapes_variation_and_mode():
     teacher = build_model_v1(SMALL).eval()
     query, cands, labels, _ = _inputs(batch=2)

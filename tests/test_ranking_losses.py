@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lever_plugins.modules.ranking import (
+    BeamScoreTransform,
     adaptive_pairwise_distillation_loss,
     beam_listwise_target,
     cold_list_probabilities,
@@ -97,6 +99,89 @@ def test_listwise_is_zero_when_only_the_label_is_left():
 def test_listwise_rejects_misaligned_beam_scores():
     with pytest.raises(ValueError, match="beam_scores"):
         listwise_beam_kl_loss(torch.zeros(1, 2, 3), torch.tensor([[0, 1]]), torch.zeros(1, 3))
+
+
+# ------------------------------------------------------------------ beam-score transforms
+
+
+def test_zscore_transform_by_hand():
+    train = torch.tensor([0.0, 0.1, 0.2, 0.5])
+    mean = 0.2
+    std = math.sqrt((0.2**2 + 0.1**2 + 0.0 + 0.3**2) / 4)  # population std
+    transform = BeamScoreTransform("zscore", train)
+    assert transform.mean == pytest.approx(mean) and transform.std == pytest.approx(std)
+    out = transform(torch.tensor([[0.5, 0.0], [-1.0, 0.2]]))
+    expected = [[(0.5 - mean) / std, -mean / std], [(-1.0 - mean) / std, 0.0]]
+    torch.testing.assert_close(out, torch.tensor(expected), atol=1e-6, rtol=0)
+    assert out.dtype == torch.float32
+    # All training scores equal: std falls back to 1 (no division by zero).
+    assert BeamScoreTransform("zscore", torch.full((3,), 0.7))(torch.tensor([1.7])).item() == pytest.approx(1.0)
+
+
+def test_rank_transform_by_hand_with_ties_and_unseen_scores():
+    # n = 4 training scores with a tie; r = #below + #equal / 2, u = (r + 1/2) / (n + 1), out = Phi^-1(u).
+    transform = BeamScoreTransform("rank", torch.tensor([0.5, 0.1, 0.0, 0.1]))
+    phi_inv = NormalDist().inv_cdf
+    cases = {
+        0.0: phi_inv(1.0 / 5),   # r = 0.5
+        0.1: 0.0,                # r = 1 + 2 / 2 = 2: the median
+        0.5: phi_inv(4.0 / 5),   # r = 3.5
+        0.3: phi_inv(3.5 / 5),   # unseen, between 0.1 and 0.5: r = 3
+        -1.0: phi_inv(0.5 / 5),  # below every training score
+        9.0: phi_inv(4.5 / 5),   # above every training score
+    }
+    out = transform(torch.tensor(list(cases)))
+    torch.testing.assert_close(out, torch.tensor(list(cases.values())), atol=1e-6, rtol=0)
+    # Only the order counts: a monotone change of the training scores gives the same values.
+    stretched = BeamScoreTransform("rank", torch.tensor([0.5, 0.1, 0.0, 0.1]) ** 3 * 100)
+    torch.testing.assert_close(stretched(torch.tensor([0.0, 0.1, 12.5])), out[:3], atol=1e-6, rtol=0)
+
+
+def test_no_transform_and_bad_transforms():
+    scores = torch.tensor([[0.25, -0.5]])
+    assert torch.equal(BeamScoreTransform("none")(scores), scores)
+    with pytest.raises(ValueError, match="one of"):
+        BeamScoreTransform("minmax", scores)
+    with pytest.raises(ValueError, match="needs the training scores"):
+        BeamScoreTransform("zscore", torch.zeros(0))
+
+
+def _label_mass(scores):
+    """V3 listwise target mass on the labelled candidate at each step of hand-built 2-step beams, K = 8."""
+    batch = scores.shape[0]
+    labels = torch.tensor([[0, 1]] * batch)
+    available = torch.ones(batch, 2, 8, dtype=torch.bool)
+    available[:, 1, 0] = False
+    target = beam_listwise_target(labels, scores, available)
+    return target[:, 0, 0], target[:, 1, 1]
+
+
+@pytest.mark.parametrize("kind", ["zscore", "rank"])
+def test_transformed_beam_scores_separate_high_and_low_steps_in_the_listwise_target(kind):
+    # exp(-NLL) gains of a real VLM: first steps raise the answer's probability by ~0.05, second
+    # steps add ~0.004. Raw, sigmoid puts ~0.51 and ~0.50 on the label: the same flat target.
+    raw = torch.tensor([[0.05, 0.004], [0.06, 0.002], [0.04, 0.006], [0.055, 0.003], [0.045, 0.005]])
+    high, low = _label_mass(raw)
+    assert (high - low).abs().max() < 0.02 and (high - 0.5).abs().max() < 0.02
+    transform = BeamScoreTransform(kind, raw)
+    high, low = _label_mass(transform(raw))
+    assert high.min() > low.max()  # every high-scoring step asks for more mass than every low one
+    assert high.mean() - low.mean() > 0.3
+    if kind == "zscore":
+        assert (high - low).min() > 0.25 and high.min() > 0.6 and low.max() < 0.4
+    else:  # ranks: the middle of the order stays near 1/2, the ends move most
+        assert high.max() > 0.75 and low.min() < 0.25
+    # Within a step the order of the beam scores still shows: the best first step gets the most.
+    assert high.argmax() == raw[:, 0].argmax() and low.argmax() == raw[:, 1].argmax()
+
+
+def test_demo_like_second_steps_are_no_longer_all_one_half():
+    # The demo's beams: first steps up to 0.98, second steps near 0 (one hurts, one helps a little).
+    raw = torch.tensor([[0.98, 0.003], [0.90, -0.02], [0.70, 0.04], [0.95, 0.0]])
+    _, low_raw = _label_mass(raw)
+    assert (low_raw - 0.5).abs().max() < 0.011  # today's target: ~0.5 on every second step
+    high, low = _label_mass(BeamScoreTransform("zscore", raw)(raw))
+    assert low.max() < 0.3 and high.min() > 0.6
 
 
 def test_hardest_negative_margin_by_hand():
@@ -212,6 +297,58 @@ def test_adaptive_pairwise_accepts_mc_samples():
     assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
     with pytest.raises(ValueError, match="teacher_logits"):
         adaptive_pairwise_distillation_loss(student, torch.randn(3, 5))
+
+
+def test_adaptive_pairwise_in_probability_space_by_hand():
+    # Seed 003: max{0, m - (p_s(a_i) - p_s(a_j))} on the student's probabilities.
+    student = torch.tensor([[0.0, math.log(2.0), 0.0]], requires_grad=True)  # p_s = (1/4, 1/2, 1/4)
+    teacher = torch.tensor([[3.0, 2.0, 1.0]])  # ranking 0 > 1 > 2, one sample: W = 1
+    # probs, m = 0.5: (0,1): 0.5 - (1/4 - 1/2) = 0.75; (0,2): 0.5 - 0 = 0.5; (1,2): 0.5 - 1/4 = 0.25
+    loss = adaptive_pairwise_distillation_loss(student, teacher, margin=0.5, space="probs")
+    assert loss.item() == pytest.approx((0.75 + 0.5 + 0.25) / 3)
+    # logits, m = 0.5: (0,1): 0.5 + ln 2; (0,2): 0.5; (1,2): max(0, 0.5 - ln 2) = 0
+    logit_loss = adaptive_pairwise_distillation_loss(student, teacher, margin=0.5, space="logits")
+    assert logit_loss.item() == pytest.approx((0.5 + math.log(2.0) + 0.5 + 0.0) / 3)
+    assert adaptive_pairwise_distillation_loss(student, teacher, margin=0.5).item() == logit_loss.item()  # default
+    # Gradient of the prob-space loss: d/dz of -(p0 - p1) - (p0 - p2) - (p1 - p2) over 3 pairs
+    # = -(2 p0 + 0 p1 - 2 p2)' / 3 with dp_i/dz_k = p_i (1[i=k] - p_k).
+    loss.backward()
+    p = [0.25, 0.5, 0.25]
+    coef = [2.0, 0.0, -2.0]  # the loss is const - (2 p0 - 2 p2) / 3
+    expected = [-sum(c * p[i] * ((i == k) - p[k]) for i, c in enumerate(coef)) / 3 for k in range(3)]
+    torch.testing.assert_close(student.grad, torch.tensor([expected]), atol=1e-6, rtol=0)
+
+
+def test_adaptive_pairwise_probability_space_masks_and_top_k_by_hand():
+    student = torch.tensor([[0.0, 5.0, math.log(3.0), NEG_INF]])  # candidate 1 and 3 unavailable
+    available = torch.tensor([[True, False, True, False]])
+    teacher = torch.tensor([[1.0, 9.0, 0.0, 9.0]])  # over the available ones: 0 > 2
+    # p_s over {0, 2} = (1/4, 3/4); one pair (0, 2): max(0, 1 - (1/4 - 3/4)) = 1.5
+    assert adaptive_pairwise_distillation_loss(student, teacher, available, space="probs").item() == pytest.approx(1.5)
+    full = torch.tensor([[math.log(4.0), math.log(3.0), math.log(2.0), 0.0]])  # p_s = (.4, .3, .2, .1)
+    teacher = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    # top_k = 1: pairs (0, j), j = 1..3, m = 0.2: max(0, .2 - .1) + max(0, .2 - .2) + max(0, .2 - .3) = 0.1
+    loss = adaptive_pairwise_distillation_loss(full, teacher, margin=0.2, top_k=1, space="probs")
+    assert loss.item() == pytest.approx(0.1 / 3)
+    with pytest.raises(ValueError, match="space"):
+        adaptive_pairwise_distillation_loss(full, teacher, space="ranks")
+
+
+def test_adaptive_pairwise_probability_space_is_the_logit_form_on_probabilities():
+    # With MC samples (non-uniform adaptive margins) the two forms differ only in what the hinge
+    # compares: the probability form equals the logit form applied to the student's softmax.
+    gen = torch.Generator().manual_seed(1)
+    teacher = torch.randn(5, 3, 6, generator=gen) * 2
+    student = torch.randn(3, 6, generator=gen)
+    available = torch.ones(3, 6, dtype=torch.bool)
+    available[1, 2] = available[2, 0] = False
+    probs = torch.softmax(student.masked_fill(~available, NEG_INF), -1)
+    for top_k in (None, 2):
+        as_probs = adaptive_pairwise_distillation_loss(student, teacher, available, margin=0.3, epsilon=0.5, top_k=top_k, space="probs")
+        on_softmax = adaptive_pairwise_distillation_loss(probs, teacher, available, margin=0.3, epsilon=0.5, top_k=top_k)
+        assert as_probs.item() == pytest.approx(on_softmax.item(), rel=1e-6)
+        as_logits = adaptive_pairwise_distillation_loss(student, teacher, available, margin=0.3, epsilon=0.5, top_k=top_k)
+        assert as_logits.item() != pytest.approx(as_probs.item(), rel=1e-3)
 
 
 # ------------------------------------------------------------------ RADI listwise

@@ -12,11 +12,13 @@ For each query ``x`` (with gold answer ``y``) and its candidate pool ``P`` (K su
    Lever-LM ranks by the last step's gain alone, which differs when beams start from different
    scores. Ties go to the earlier beam, then the lower pool index (deterministic).
 
-The best final beam is the training sequence: ``icds`` (pool indices in selection order) and
-``scores`` (each step's gain: ``scores[i]`` is the gain of ``icds[i]``; for ``prob_gain`` they sum to
-``s(icds) - s([])``). Each finished query is appended as one line to ``beams.part<rank>.jsonl``;
-a re-run skips question_ids already present in any part file, so a killed run loses at most the
-query in progress. :func:`merge_beam_parts` writes ``beams.json`` once every query is done.
+Every beam kept at the last step is a training sequence (Lever-LM trains on all of them): ``icds``
+(pool indices in selection order) and ``scores`` (each step's gain: ``scores[i]`` is the gain of
+``icds[i]``; for ``prob_gain`` they sum to ``s(icds) - s([])``). Each finished query is appended as
+one line to ``beams.part<rank>.jsonl`` (the best beam's ``icds`` / ``scores`` plus ``beams``, all kept
+beams best first); a re-run skips question_ids already present in any part file, so a killed run
+loses at most the query in progress. :func:`merge_beam_parts` writes ``beams.json`` (the best beam
+per query, the seeds' format) and ``beams_all.json`` (every kept beam) once every query is done.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from lever_plugins.io import write_json_atomic
 logger = logging.getLogger(__name__)
 
 BEAMS_FILE = "beams.json"
+ALL_BEAMS_FILE = "beams_all.json"
 POOLS_FILE = "pools.json"
 PART_PREFIX = "beams.part"
 
@@ -206,16 +209,38 @@ def run_beam_search(
     return len(todo)
 
 
-def merge_beam_parts(out_dir: str, query_ids: Sequence[int]) -> Optional[str]:
-    """Write ``beams.json`` (the seeds' format) once every query of ``query_ids`` is finished.
+def _kept_beams(record: Mapping) -> list[dict]:
+    """All kept beams of a part-file record, best first (records without ``beams``: the best only)."""
+    kept = record.get("beams") or [{"icds": record["icds"], "scores": record["scores"]}]
+    return [{"icds": list(b["icds"]), "scores": list(b["scores"])} for b in kept]
 
-    Returns its path, or None while queries are missing.
+
+def write_all_beams(out_dir: str, query_ids: Sequence[int], done: Optional[Mapping[int, Mapping]] = None) -> Optional[str]:
+    """Write ``beams_all.json`` (every kept beam per query, best first) from the part files.
+
+    Returns its path, or None while queries are missing from the part files.
+    """
+    done = finished_records(out_dir) if done is None else done
+    if any(q not in done for q in query_ids):
+        return None
+    path = os.path.join(out_dir, ALL_BEAMS_FILE)
+    write_json_atomic(path, {str(q): _kept_beams(done[q]) for q in sorted(query_ids)})
+    return path
+
+
+def merge_beam_parts(out_dir: str, query_ids: Sequence[int]) -> Optional[str]:
+    """Write ``beams.json`` (the seeds' format: the best beam) and ``beams_all.json`` (every kept beam)
+    once every query of ``query_ids`` is finished.
+
+    Returns the path of ``beams.json``, or None while queries are missing.
     """
     done = finished_records(out_dir)
     missing = [q for q in query_ids if q not in done]
     if missing:
         logger.info("beam search: %d of %d queries still missing; beams.json not written yet", len(missing), len(query_ids))
         return None
+    # beams_all.json first: a beams.json without it would read as an older, best-beam-only run.
+    write_all_beams(out_dir, query_ids, done)
     merged = {str(q): {"icds": done[q]["icds"], "scores": done[q]["scores"]} for q in sorted(query_ids)}
     path = os.path.join(out_dir, BEAMS_FILE)
     write_json_atomic(path, merged)

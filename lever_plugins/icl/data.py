@@ -6,9 +6,13 @@ File formats (the official VQAv2 JSON; OK-VQA uses the same):
 * annotations: ``{"annotations": [{"question_id", "image_id", "answers": [{"answer", ...} x 10],
   "multiple_choice_answer", ...}, ...]}``
 * beam search (ours; the seeds' format plus the pool): ``beams.json`` =
-  ``{question_id: {"icds": [pool indices, in selection order], "scores": [one per icd]}}`` and
-  ``pools.json`` = ``{question_id: [candidate question_ids, K of them]}``: ``icds[i]`` indexes the
-  query's pool, so ``pools[qid][icds[i]]`` is the question_id of the i-th demonstration.
+  ``{question_id: {"icds": [pool indices, in selection order], "scores": [one per icd]}}`` (the best
+  beam) and ``pools.json`` = ``{question_id: [candidate question_ids, K of them]}``: ``icds[i]``
+  indexes the query's pool, so ``pools[qid][icds[i]]`` is the question_id of the i-th
+  demonstration. ``beams_all.json`` (optional; our beam search writes it) holds
+  every beam kept at the last step, best first: ``{question_id: [{"icds": [...], "scores": [...]},
+  ...]}``; its first beam is the ``beams.json`` entry. ``beams.json`` alone (the seeds' files, older
+  runs) still loads: each query then has its best beam only.
 
 Everything is keyed by **question_id**, never by a position in a file. Errors name the file and the
 question_id at fault.
@@ -222,12 +226,44 @@ def read_jsonl(path: str, repair: bool = False) -> list[dict]:
 
 @dataclass(frozen=True)
 class BeamEntry:
-    """Beam-search result of one query: ``icds`` index ``pool`` (candidate question_ids)."""
+    """Beam-search result of one query: ``icds`` index ``pool`` (candidate question_ids).
+
+    ``icds`` / ``scores`` are the best beam; ``beams`` every kept beam as ``(icds, scores)`` pairs,
+    best first (empty when the beam file has only the best one).
+    """
 
     question_id: int
     pool: tuple[int, ...]
     icds: tuple[int, ...]
     scores: tuple[float, ...]
+    beams: tuple[tuple[tuple[int, ...], tuple[float, ...]], ...] = ()
+
+    @property
+    def sequences(self) -> tuple[tuple[tuple[int, ...], tuple[float, ...]], ...]:
+        """Every stored beam as ``(icds, scores)``, best first (at least the best one)."""
+        return self.beams or ((self.icds, self.scores),)
+
+
+def _checked_sequence(record: Any, where: str, pool_size: int, path: str, qid: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """``(icds, scores)`` of one beam record; errors start with ``where``."""
+    if not isinstance(record, Mapping) or not isinstance(record.get("icds"), list) or not isinstance(record.get("scores"), list):
+        raise IclDataError(f"{where}: expected {{'icds': [...], 'scores': [...]}}, got {record!r}")
+    icds = []
+    for value in record["icds"]:
+        index = _as_int(value, path, f"question_id {qid} icd")
+        if not 0 <= index < pool_size:
+            raise IclDataError(
+                f"{where}: icd index {index} is outside the pool of {pool_size} candidates (valid: 0..{pool_size - 1})"
+            )
+        icds.append(index)
+    if not icds:
+        raise IclDataError(f"{where}: empty 'icds'")
+    if len(set(icds)) != len(icds):
+        raise IclDataError(f"{where}: 'icds' repeats a candidate: {icds}")
+    scores = record["scores"]
+    if len(scores) != len(icds) or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
+        raise IclDataError(f"{where}: 'scores' must hold one number per icd ({len(icds)}), got {scores!r}")
+    return tuple(icds), tuple(float(s) for s in scores)
 
 
 def load_beam_files(
@@ -235,20 +271,23 @@ def load_beam_files(
     pools_path: str,
     pool_size: Optional[int] = None,
     candidates: Optional[VqaSplit] = None,
+    all_beams_path: Optional[str] = None,
 ) -> list[BeamEntry]:
-    """Read and check ``beams.json`` + ``pools.json`` (see the module docstring).
+    """Read and check ``beams.json`` + ``pools.json`` (+ ``beams_all.json``; see the module docstring).
 
     Args:
         pool_size: expected K (every pool must have exactly K candidates).
         candidates: the split the pools draw from; every pool question_id must be in it.
+        all_beams_path: every kept beam per query (``beams_all.json``); ``None``: best beams only.
 
     Returns:
-        Entries sorted by question_id.
+        Entries sorted by question_id (``beams`` filled from ``all_beams_path`` when given).
 
     Raises:
         IclDataError: naming the file and question_id of any entry whose ``icds`` fall outside its
             pool, repeat a candidate, disagree in length with ``scores``, or whose pool is missing,
-            of the wrong size or names unknown candidates.
+            of the wrong size or names unknown candidates; and when ``all_beams_path`` does not hold
+            the same question_ids as ``beams_path`` or its first beam is not the ``beams_path`` entry.
     """
     beams = read_json(beams_path, "beam-search")
     pools = read_json(pools_path, "candidate-pool")
@@ -256,6 +295,19 @@ def load_beam_files(
         raise IclDataError(f"{beams_path}: expected {{question_id: {{'icds': [...], 'scores': [...]}}}}")
     if not isinstance(pools, Mapping):
         raise IclDataError(f"{pools_path}: expected {{question_id: [candidate question_ids]}}")
+    all_beams: Optional[dict[int, Any]] = None
+    if all_beams_path is not None:
+        raw = read_json(all_beams_path, "all-beams")
+        if not isinstance(raw, Mapping):
+            raise IclDataError(f"{all_beams_path}: expected {{question_id: [{{'icds': [...], 'scores': [...]}}, ...]}}")
+        all_beams = {_as_int(key, all_beams_path, "a key (question_id)"): value for key, value in raw.items()}
+        beam_ids = {_as_int(key, beams_path, "a key (question_id)") for key in beams}
+        extra, missing = sorted(set(all_beams) - beam_ids), sorted(beam_ids - set(all_beams))
+        if extra or missing:
+            raise IclDataError(
+                f"{all_beams_path}: does not hold the question_ids of {beams_path} (missing {missing[:5]}, extra {extra[:5]}); "
+                "the two files come from different beam searches"
+            )
     entries = []
     for key, record in beams.items():
         qid = _as_int(key, beams_path, "a key (question_id)")
@@ -276,22 +328,26 @@ def load_beam_files(
                 raise IclDataError(
                     f"{pools_path}: question_id {qid} has pool candidates not in the {candidates.name} split: {unknown[:5]}"
                 )
-        icds = []
-        for value in record["icds"]:
-            index = _as_int(value, beams_path, f"question_id {qid} icd")
-            if not 0 <= index < len(pool_ids):
+        icds, scores = _checked_sequence(record, where, len(pool_ids), beams_path, qid)
+        kept: tuple = ()
+        if all_beams is not None:
+            where_all = f"{all_beams_path}: question_id {qid}"
+            listed = all_beams[qid]
+            if not isinstance(listed, list) or not listed:
+                raise IclDataError(f"{where_all}: expected a non-empty list of beams [{{'icds': [...], 'scores': [...]}}, ...]")
+            kept = tuple(
+                _checked_sequence(beam, f"{where_all} beam {rank}", len(pool_ids), str(all_beams_path), qid)
+                for rank, beam in enumerate(listed)
+            )
+            if kept[0] != (icds, scores):
                 raise IclDataError(
-                    f"{where}: icd index {index} is outside the pool of {len(pool_ids)} candidates (valid: 0..{len(pool_ids) - 1})"
+                    f"{where_all}: the first (best) beam {list(kept[0][0])} / {list(kept[0][1])} is not the entry of "
+                    f"{beams_path} ({list(icds)} / {list(scores)}); the two files come from different beam searches"
                 )
-            icds.append(index)
-        if not icds:
-            raise IclDataError(f"{where}: empty 'icds'")
-        if len(set(icds)) != len(icds):
-            raise IclDataError(f"{where}: 'icds' repeats a candidate: {icds}")
-        scores = record["scores"]
-        if len(scores) != len(icds) or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
-            raise IclDataError(f"{where}: 'scores' must hold one number per icd ({len(icds)}), got {scores!r}")
-        entries.append(BeamEntry(qid, pool_ids, tuple(icds), tuple(float(s) for s in scores)))
+            lengths = {len(seq) for seq, _ in kept}
+            if len(lengths) > 1:
+                raise IclDataError(f"{where_all}: beams of different lengths {sorted(lengths)}")
+        entries.append(BeamEntry(qid, pool_ids, icds, scores, kept))
     entries.sort(key=lambda e: e.question_id)
     return entries
 

@@ -5,7 +5,8 @@ stage           writes (defaults under run.output_dir)       skipped / resumed w
 ==============  ===========================================  =======================================
 embed           ``embed/`` (features_dir): 3 tables          manifest matches; finished parts kept
 beam_search     ``beam_search/`` (beam_dir): pools.json,     beams.json exists; finished queries in
-                beams.part<rank>.jsonl, beams.json           the part files are skipped
+                beams.part<rank>.jsonl, beams.json,          the part files are skipped
+                beams_all.json (every kept beam)
 train           checkpoint_{last,best}.pth, metrics.*        (the LAVIS runner; ``--resume``)
 select          ``select/``: selections.json, pools          manifest (weights, settings) matches
 evaluate        ``evaluate/``: predictions_*.jsonl,          finished predictions kept; all stale
@@ -199,6 +200,10 @@ class IclPipeline:
         self.barrier()
         if os.path.isfile(beams_path):
             logger.info("beam search: reusing %s", beams_path)
+            all_path = os.path.join(self.beam_dir, beams.ALL_BEAMS_FILE)
+            if self.is_main and not os.path.isfile(all_path) and beams.write_all_beams(self.beam_dir, query_ids):
+                logger.info("beam search: wrote %s (every kept beam) from the part files of an earlier run", all_path)
+            self.barrier()
             return beams_path
         pools = {int(q): [int(c) for c in p] for q, p in read_json(pools_path, "candidate-pool").items()}
         missing = [q for q in query_ids if q not in pools]
@@ -328,29 +333,50 @@ def load_train_split(data: VqaIclDatasetSettings) -> VqaSplit:
 
 
 def read_beam_entries(beam_dir: str, train: VqaSplit) -> list[BeamEntry]:
-    """Checked entries of ``beam_dir``'s ``beams.json`` + ``pools.json``."""
+    """Checked entries of ``beam_dir``'s ``beams.json`` + ``pools.json`` (+ ``beams_all.json`` if present)."""
     beams_path = os.path.join(beam_dir, beams.BEAMS_FILE)
     if not os.path.isfile(beams_path):
         raise IclDataError(f"{beams_path}: not found; run the beam_search stage first (run.stages)")
-    return load_beam_files(beams_path, os.path.join(beam_dir, beams.POOLS_FILE), candidates=train)
+    all_path = os.path.join(beam_dir, beams.ALL_BEAMS_FILE)
+    return load_beam_files(beams_path, os.path.join(beam_dir, beams.POOLS_FILE), candidates=train,
+                           all_beams_path=all_path if os.path.isfile(all_path) else None)
 
 
 def build_pointer_datasets(data: VqaIclDatasetSettings, train: VqaSplit, features_dir: str, beam_dir: str) -> dict:
-    """Train / val :class:`~lever_plugins.datasets.vqa_icl.PointerBeamDataset` s split by question_id."""
+    """Train / val :class:`~lever_plugins.datasets.vqa_icl.PointerBeamDataset` s split by question_id.
+
+    The split is by query (question_id), so all beams of a query fall on one side. ``train`` holds
+    every kept beam of its queries (``train_on: all``, as Lever-LM) or only the best
+    (``train_on: best``); ``val`` always scores the best beam of each held-out query, so its metrics
+    compare across ``train_on``. Beam scores go through ``beam_score_transform``, fitted on the
+    training sequences' scores and applied unchanged to val.
+    """
     from lever_plugins.datasets.vqa_icl import PointerBeamDataset
+    from lever_plugins.modules.ranking import BeamScoreTransform
 
     entries = read_beam_entries(beam_dir, train)
     beams_path = os.path.join(beam_dir, beams.BEAMS_FILE)
-    lengths = {len(e.icds) for e in entries}
+    lengths = {len(icds) for e in entries for icds, _ in e.sequences}
     if len(lengths) > 1:
         raise IclDataError(f"{beams_path}: entries have different numbers of icds {sorted(lengths)}; the selector needs one")
+    train_on = data.train_on
+    if train_on == "all" and entries and not any(e.beams for e in entries):
+        logger.warning("lever_vqa_icl: %s has no %s (best beams only: the seeds' format or an older run); "
+                       "training on the best beam of each query", beams_path, beams.ALL_BEAMS_FILE)
     tables = features.load_tables(features_dir)
     train_ids, val_ids = split_by_question_id([e.question_id for e in entries], data.val_fraction, data.split_seed)
     by_id = {e.question_id: e for e in entries}
+    train_entries = [by_id[q] for q in train_ids]
+    fitted = [score for e in train_entries for _, scores in (e.sequences if train_on == "all" else e.sequences[:1])
+              for score in scores]
+    # float32, as the datasets hold them: a rank is then exact for the training scores themselves.
+    transform = BeamScoreTransform(data.beam_score_transform, torch.tensor(fitted, dtype=torch.float32))
+    logger.info("lever_vqa_icl: %s", transform.describe())
     out = {}
-    for split, ids in (("train", train_ids), ("val", val_ids)):
-        out[split] = PointerBeamDataset([by_id[q] for q in ids], tables["train_query"], tables["train_candidate"], beams_path)
-        logger.info("lever_vqa_icl %s: %d beam-search queries", split, len(ids))
+    for split, split_entries, sequences in (("train", train_entries, train_on), ("val", [by_id[q] for q in val_ids], "best")):
+        out[split] = PointerBeamDataset(split_entries, tables["train_query"], tables["train_candidate"], beams_path,
+                                        sequences=sequences, score_transform=transform)
+        logger.info("lever_vqa_icl %s: %d beam-search queries, %d sequences", split, len(split_entries), len(out[split]))
     return out
 
 

@@ -43,7 +43,9 @@ def describe_icl_plan(data: dict) -> list[str]:
                         f"beam {beam['beam_size']}, {beam['shots']} shots, score {beam['score']}, "
                         f"VLM {vlm['kind']} {vlm_path} -> {beam_dir}"),
         "train": (f"train: PointerSelector{version.upper()}(d_model={d}, hidden_dim={h}, K={model['K']}, "
-                  f"shot_num={model['shot_num']}) on the beams, {run['max_epoch']} epochs: {count:,} parameters; "
+                  f"shot_num={model['shot_num']}) on {'every kept beam' if dataset.get('train_on', 'all') == 'all' else 'the best beam'} "
+                  f"of each query (beam scores: {dataset.get('beam_score_transform', 'zscore')}), "
+                  f"{run['max_epoch']} epochs: {count:,} parameters; "
                   f"best checkpoint by val {run['agg_metric']}"),
         "select": (f"select: {', '.join(evaluation['methods'])} demonstrations for "
                    f"{evaluation['num_queries'] or 'all'} evaluation queries -> {os.path.join(output_dir, 'select')}"),

@@ -36,8 +36,8 @@ logger = logging.getLogger(__name__)
 _V1_KEYS = ("d_model", "hidden_dim", "K", "shot_num", "temperature", "dropout", "label_smoothing", "query_update")
 _V2_KEYS = ("num_heads", "attn_dropout")
 _V3_KEYS = (
-    "ranking_loss_type", "ranking_loss_weight", "ranking_margin", "radi_sinkhorn_epsilon", "radi_sinkhorn_iters",
-    "radi_hot_k", "radi_cold_k", "radi_cold_sampling", "radi_sampling_alpha", "radi_list_loss", "radi_mc_samples",
+    "ranking_loss_type", "ranking_loss_weight", "ranking_margin", "radi_pairwise_space", "radi_sinkhorn_epsilon",
+    "radi_sinkhorn_iters", "radi_hot_k", "radi_cold_k", "radi_cold_sampling", "radi_sampling_alpha", "radi_list_loss", "radi_mc_samples",
 )
 
 

@@ -141,7 +141,10 @@ class PointerSelectorV3Config(PointerSelectorV1Config):
     )
     ranking_loss_weight: float = setting(0.1, ge=0.0, help="lambda in loss = CE + lambda * ranking loss")
     ranking_margin: float = setting(
-        1.0, gt=0.0, help="hinge margin in logit units (pairwise; base margin m of radi_pairwise)"
+        1.0, gt=0.0, help="hinge margin: logit units (pairwise); base margin m of radi_pairwise, in radi_pairwise_space units"
+    )
+    radi_pairwise_space: Literal["logits", "probs"] = setting(
+        "logits", help="radi_pairwise: hinge on student logit gaps, or on probability gaps p_s(a_i) - p_s(a_j) (seed 003)"
     )
     radi_sinkhorn_epsilon: float = setting(
         1.0, gt=0.0, help="radi_pairwise: entropic regularisation, relative to the mean pair uncertainty"
@@ -457,6 +460,11 @@ class PointerSelectorV3(PointerSelectorV1):
       margin ``ranking_margin`` (logit units).
     * ``radi_pairwise`` / ``radi_listwise``: RADI distillation from ``teacher_logits`` (e.g.
       :func:`mc_dropout_logits` of a trained V1/V2), per step over the available candidates.
+      ``radi_pairwise_space`` puts the pairwise hinge on the student's logits (default) or, as
+      seed 003 writes RADI, on its probabilities ``p_s(a_i) - p_s(a_j)``.
+
+    The listwise target reads ``beam_scores`` through a sigmoid, so they should be on a logit-like
+    scale; the ICL pipeline standardises them first (``datasets.lever_vqa_icl.beam_score_transform``).
 
     Args:
         config: :class:`PointerSelectorV3Config`, a mapping of its keys, or ``None``.
@@ -530,6 +538,7 @@ class PointerSelectorV3(PointerSelectorV1):
                 epsilon=cfg.radi_sinkhorn_epsilon,
                 num_iters=cfg.radi_sinkhorn_iters,
                 top_k=cfg.radi_hot_k,
+                space=cfg.radi_pairwise_space,
             )
         return ranking_losses.partial_listwise_distillation_loss(
             flat_logits,

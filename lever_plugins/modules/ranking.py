@@ -19,9 +19,14 @@ Losses (``PointerSelectorV3.ranking_loss_type``):
   distillation with adaptive soft margins from MC-dropout teacher uncertainty (Sinkhorn).
 * ``radi_listwise`` -- :func:`partial_listwise_distillation_loss`: RADI partial listwise
   distillation on a hot list (teacher top-k) and a sampled cold list, with ListNet or ListMLE.
+
+Beam scores feed the ``listwise`` target through a sigmoid, so their scale matters:
+:class:`BeamScoreTransform` (``none | zscore | rank``, fitted on the training beams' scores) puts raw
+InfoScore gains on a logit-like scale before training.
 """
 from __future__ import annotations
 
+import math
 from typing import Literal, Optional, Tuple
 
 import torch
@@ -29,6 +34,9 @@ import torch.nn.functional as F
 
 __all__ = [
     "RANKING_LOSS_TYPES",
+    "BEAM_SCORE_TRANSFORMS",
+    "RADI_PAIRWISE_SPACES",
+    "BeamScoreTransform",
     "masked_cross_entropy",
     "masked_logits_std",
     "beam_listwise_target",
@@ -45,6 +53,8 @@ __all__ = [
 ]
 
 RANKING_LOSS_TYPES = ("listwise", "pairwise", "radi_pairwise", "radi_listwise")
+BEAM_SCORE_TRANSFORMS = ("none", "zscore", "rank")
+RADI_PAIRWISE_SPACES = ("logits", "probs")
 
 _TINY = 1e-12
 
@@ -126,6 +136,78 @@ def masked_logits_std(logits: torch.Tensor, available: Optional[torch.Tensor] = 
 
 
 # --------------------------------------------------------------------------------------------
+# Beam scores -> a logit-like scale
+# --------------------------------------------------------------------------------------------
+
+
+class BeamScoreTransform:
+    """A monotone map of beam scores fitted on the training scores (all steps, all sequences pooled).
+
+    ``kind``:
+
+    * ``"none"``: the raw scores (InfoScore gains ``exp(-NLL)`` differences, or log-likelihood gains).
+    * ``"zscore"``: ``(x - mean) / std`` with the training scores' mean and population std (std 1 when
+      they are all equal).
+    * ``"rank"``: rank-based inverse normal: ``Phi^-1(u)`` with ``u = (r + 1/2) / (n + 1)`` and ``r``
+      the number of training scores below ``x`` plus half of those equal to it (mid-ranks for ties),
+      so the j-th smallest of ``n`` distinct training scores maps to ``Phi^-1((j + 1) / (n + 1))``.
+      Same scale as ``zscore`` but only the order of the scores counts, not their spacing (one
+      outlying gain cannot flatten all the others).
+
+    Pooling over steps keeps the difference between steps: a first step that raises the answer's
+    probability a lot gets a high value, a second step that adds almost nothing a low one. Scores
+    not seen in fitting (validation) go through the same map.
+
+    Args:
+        kind: ``"none" | "zscore" | "rank"``.
+        scores: the training beam scores (any shape; flattened).
+    """
+
+    def __init__(self, kind: str, scores: Optional[torch.Tensor] = None) -> None:
+        if kind not in BEAM_SCORE_TRANSFORMS:
+            raise ValueError(f"beam-score transform must be one of {BEAM_SCORE_TRANSFORMS}, got {kind!r}")
+        self.kind = kind
+        reference = torch.zeros(0, dtype=torch.float64) if scores is None else scores.detach().double().flatten().cpu()
+        if kind != "none" and reference.numel() == 0:
+            raise ValueError(f"beam-score transform {kind!r} needs the training scores to fit on")
+        if not torch.isfinite(reference).all():
+            raise ValueError("beam scores must be finite")
+        self.count = int(reference.numel())
+        self.mean = float(reference.mean()) if self.count else 0.0
+        std = float(reference.std(unbiased=False)) if self.count else 1.0
+        self.std = std if std > _TINY else 1.0
+        self.reference = reference.sort().values if kind == "rank" else reference[:0]
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        """The transformed scores, same shape and dtype (float32 for integer input)."""
+        dtype = scores.dtype if scores.is_floating_point() else torch.float32
+        if self.kind == "none":
+            return scores.to(dtype)
+        values = scores.detach().double().cpu()
+        if self.kind == "zscore":
+            out = (values - self.mean) / self.std
+        else:
+            flat = values.flatten().contiguous()
+            below = torch.searchsorted(self.reference, flat, right=False)
+            up_to = torch.searchsorted(self.reference, flat, right=True)
+            rank = (below + up_to).double() / 2.0
+            quantile = (rank + 0.5) / (self.count + 1)
+            out = (math.sqrt(2.0) * torch.erfinv(2.0 * quantile - 1.0)).reshape(values.shape)
+        return out.to(device=scores.device, dtype=dtype)
+
+    def describe(self) -> str:
+        """One line for the log: what was fitted on how many scores."""
+        if self.kind == "none":
+            return "beam scores used as they are (beam_score_transform: none)"
+        if self.kind == "zscore":
+            return f"beam scores z-scored with mean {self.mean:.4g}, std {self.std:.4g} of {self.count} training scores"
+        return f"beam scores rank-transformed (inverse normal) against {self.count} training scores"
+
+    def __repr__(self) -> str:
+        return f"BeamScoreTransform({self.kind!r}, count={self.count}, mean={self.mean:.4g}, std={self.std:.4g})"
+
+
+# --------------------------------------------------------------------------------------------
 # V3: listwise (beam-score target) and pairwise (hardest negative)
 # --------------------------------------------------------------------------------------------
 
@@ -143,7 +225,9 @@ def beam_listwise_target(
 
     So a step whose beam score is high asks for a peaked distribution and a low-scoring step for a
     flat one: a per-step, score-dependent soft label. Beam scores should therefore be on a logit-like
-    scale (sigmoid(0) = 0.5); standardise raw InfoScore gains before training if they are tiny.
+    scale (sigmoid(0) = 0.5): raw InfoScore gains (mostly 0-0.1 with a real VLM) give a flat
+    0.50-0.52 everywhere. The ICL pipeline transforms them first (:class:`BeamScoreTransform`,
+    ``datasets.lever_vqa_icl.beam_score_transform``, z-score by default).
 
     Args:
         labels: ``(B, S)`` labelled candidate per step.
@@ -341,13 +425,21 @@ def adaptive_pairwise_distillation_loss(
     epsilon: float = 1.0,
     num_iters: int = 50,
     top_k: Optional[int] = None,
+    space: Literal["logits", "probs"] = "logits",
 ) -> torch.Tensor:
     """RADI pairwise ranking distillation with adaptive soft margins.
 
     ``L = mean over pairs (i, j) of max(0, M_ij - (s_i - s_j))`` where the pairs are those the
     teacher orders ``p_i > p_j`` (``p``: mean over MC samples of the teacher's softmax over the
-    available candidates) with ``i`` among the teacher's ``top_k`` (``None``: all pairs), ``s`` are
-    the student scores (logits, so ``margin`` is in logit units) and ``M = margin * W``.
+    available candidates) with ``i`` among the teacher's ``top_k`` (``None``: all pairs) and
+    ``M = margin * W``. ``space`` says what ``s`` is:
+
+    * ``"logits"``: the student scores themselves (``margin`` in logit units);
+    * ``"probs"``: the student's probabilities ``p_s(a) = softmax(student_scores)`` over the
+      available candidates, RADI's own form as seed 003 writes it,
+      ``max{0, m - (p_s(a_i) - p_s(a_j))}``; ``margin`` is then a probability gap (RADI's hard
+      margin is 1, which no gap reaches, so every distilled pair pulls ``p_s(a_i)`` up and
+      ``p_s(a_j)`` down, weighted by ``M_ij``).
 
     ``W`` comes from :func:`sinkhorn_margin_weights` of :func:`mc_pairwise_uncertainty`, rescaled so
     that its mean over the distilled pairs of each list is 1: ``margin`` stays the average margin,
@@ -366,6 +458,7 @@ def adaptive_pairwise_distillation_loss(
         margin: base (mean) margin ``m``.
         epsilon, num_iters: Sinkhorn settings.
         top_k: only pairs whose better candidate is in the teacher's top ``top_k``.
+        space: ``"logits"`` (hinge on score differences) or ``"probs"`` (on probability differences).
 
     Returns:
         Scalar.
@@ -373,6 +466,8 @@ def adaptive_pairwise_distillation_loss(
     available = _check_available(student_scores, available)
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if space not in RADI_PAIRWISE_SPACES:
+        raise ValueError(f"space must be one of {RADI_PAIRWISE_SPACES}, got {space!r}")
     samples = _teacher_samples(teacher_logits.detach(), student_scores.shape).to(student_scores.dtype)
     probs = torch.softmax(samples.masked_fill(~available, float("-inf")), dim=-1).masked_fill(~available, 0.0)
     weights = sinkhorn_margin_weights(mc_pairwise_uncertainty(probs), available, epsilon, num_iters)
@@ -385,7 +480,10 @@ def adaptive_pairwise_distillation_loss(
     has_pairs = n_pairs > 0
     pair_weight_mean = (weights * pairs).sum((-1, -2)) / n_pairs.clamp_min(1)
     weights = weights / pair_weight_mean.clamp_min(_TINY)[:, None, None]
-    diff = student_scores.masked_fill(~available, 0.0)
+    if space == "probs":
+        diff = _masked_log_softmax(student_scores, available).exp().masked_fill(~available, 0.0)
+    else:
+        diff = student_scores.masked_fill(~available, 0.0)
     diff = diff.unsqueeze(-1) - diff.unsqueeze(-2)
     hinge = torch.relu(margin * weights - diff) * pairs
     per_list = hinge.sum((-1, -2)) / n_pairs.clamp_min(1)

@@ -22,8 +22,8 @@ SELECTION_METHODS = ("random", "similarity", "pointer")
 
 _V2_KEYS = ("num_heads", "attn_dropout")
 _V3_KEYS = (
-    "ranking_loss_type", "ranking_loss_weight", "ranking_margin", "radi_sinkhorn_epsilon", "radi_sinkhorn_iters",
-    "radi_hot_k", "radi_cold_k", "radi_cold_sampling", "radi_sampling_alpha", "radi_list_loss", "radi_mc_samples",
+    "ranking_loss_type", "ranking_loss_weight", "ranking_margin", "radi_pairwise_space", "radi_sinkhorn_epsilon",
+    "radi_sinkhorn_iters", "radi_hot_k", "radi_cold_k", "radi_cold_sampling", "radi_sampling_alpha", "radi_list_loss", "radi_mc_samples",
     "teacher_checkpoint",
 )
 
@@ -57,7 +57,12 @@ class PointerSelectorSettings(Settings):
         "listwise", help="v3: listwise (KL to beam-score target) | pairwise (hardest negative) | RADI distillation"
     )
     ranking_loss_weight: float = setting(0.1, help="v3: lambda in loss = CE + lambda * ranking loss", ge=0)
-    ranking_margin: float = setting(1.0, help="v3: hinge margin in logit units (pairwise, radi_pairwise)", gt=0)
+    ranking_margin: float = setting(
+        1.0, help="v3: hinge margin (pairwise: logit units; radi_pairwise: units of radi_pairwise_space)", gt=0
+    )
+    radi_pairwise_space: Literal["logits", "probs"] = setting(
+        "logits", help="v3 radi_pairwise: hinge on student logit gaps, or on probability gaps p_s(a_i) - p_s(a_j) (seed 003)"
+    )
     radi_sinkhorn_epsilon: float = setting(1.0, help="v3 radi_pairwise: entropic regularisation (relative)", gt=0)
     radi_sinkhorn_iters: int = setting(50, help="v3 radi_pairwise: Sinkhorn iterations", ge=1)
     radi_hot_k: int = setting(4, help="v3 radi_listwise: hot list = teacher top-k", ge=1)
@@ -97,7 +102,8 @@ class VqaIclDatasetSettings(Settings):
 
     ``train_*`` is the supporting set: beam-search queries and every candidate demonstration come
     from it. ``eval_*`` holds the evaluation queries (e.g. VQAv2 val2014). The builder trains on
-    ``beam_dir``'s beams with ``features_dir``'s features, split into train / val by question_id.
+    ``beam_dir``'s beams with ``features_dir``'s features, split into train / val by question_id
+    (every kept beam of a training query with ``train_on: all``; the best beam of each val query).
     """
 
     data_type: Literal["images"] = setting("images", help="LAVIS data type (always images)")
@@ -116,6 +122,14 @@ class VqaIclDatasetSettings(Settings):
     )
     beam_dir: Optional[str] = setting(
         None, help="beams.json + pools.json written by the beam_search stage (null: <run.output_dir>/beam_search)"
+    )
+    train_on: Literal["all", "best"] = setting(
+        "all", help="training sequences per query: every beam kept by the beam search (Lever-LM) or the best only (val: always the best)"
+    )
+    beam_score_transform: Literal["none", "zscore", "rank"] = setting(
+        "zscore",
+        help="beam scores before training (V3 listwise target = sigmoid(score)): raw | z-score | rank -> normal quantile, "
+        "fitted on the training scores",
     )
     val_fraction: float = setting(0.1, help="fraction of beam-search queries held out (by question_id) to validate the selector", gt=0, lt=1)
     split_seed: int = setting(0, help="seed of the train/val split by question_id")
