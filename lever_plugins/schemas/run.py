@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Literal, Optional
+from typing import Iterator, Literal, Optional, Union
 
 from lever_plugins.schema import Settings, setting
 
@@ -40,6 +40,11 @@ class RunSettings(Settings):
     runner: str = setting("lever_runner", help="registered runner; lever_runner works on CPU, GPU and torchrun")
     output_dir: str = setting(help="where the resolved recipe, logs, metrics and checkpoints go (made absolute)")
     device: Literal["cpu", "cuda", "auto"] = setting("auto", help="cpu, cuda, or auto (cuda when available)")
+    num_threads: Union[Literal["auto"], int] = setting(
+        "auto", help="torch CPU threads per process: auto (the cores this process may use, shared among the "
+        "processes on this machine, less those busy with other work) or a number; the demos use 1, so their "
+        "numbers are the same on every machine and a busy machine does not slow them down (the choice is in run.log)"
+    )
     seed: int = setting(42, help="random seed (per rank: seed + rank)")
 
     # optimisation
@@ -119,6 +124,8 @@ class RunSettings(Settings):
     )
 
     def extra_problems(self) -> Iterator[str]:
+        if self.num_threads != "auto" and (isinstance(self.num_threads, bool) or self.num_threads < 1):
+            yield f"num_threads: expected auto or a number >= 1, got {self.num_threads!r}"
         reads = SCHEDULE_KEYS[self.lr_sched]
         for key in SCHEDULE_KEY_UNION:
             if key not in reads and self.differs_from_default(key):

@@ -27,6 +27,7 @@ import_lavis()
 from lavis.tasks.base_task import BaseTask  # noqa: E402
 
 from lever_plugins.runners import distributed as lever_dist  # noqa: E402
+from lever_plugins.runners.threads import apply_num_threads  # noqa: E402
 
 # keys the runner or torchrun set at run time; not part of a recipe
 RUNTIME_RUN_KEYS = ("gpu", "rank")
@@ -76,6 +77,8 @@ class LeverTask(BaseTask):
                     cfg.run_cfg[key] = value
         task = cls(settings)
         task.started_at = time.time()  # the runner's summary reports the wall time from here
+        # before datasets and model are built: they may already run torch ops
+        apply_num_threads(settings.num_threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         return task
 
     # -------------------------------------------------------------------------- hooks
