@@ -240,7 +240,8 @@ def gate_maps(run_dir: str, checkpoint: Optional[str], split: str, num_queries: 
     except (RecipeError, LaunchError) as exc:
         _fail(exc, debug)
         return
-    click.echo(f"wrote {len(paths)} gate maps to {os.path.dirname(paths[0]) if paths else out_dir}")
+    shown = max(len(paths) - 1, 0)  # the last file is their grid
+    click.echo(f"wrote {shown} gate maps and grid.png to {os.path.dirname(paths[0]) if paths else out_dir}")
 
 
 if __name__ == "__main__":

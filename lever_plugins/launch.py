@@ -289,9 +289,7 @@ def save_gate_maps_for_run(
     run_dir: str, *, checkpoint: Optional[str] = None, split: str = "val", num_queries: int = 8,
     out_dir: Optional[str] = None,
 ) -> list:
-    """Gate heat-maps of a trained gated-fusion run over its reference images."""
-    import torch
-
+    """Gate maps of a trained gated-fusion run: its recipe's model with the checkpoint loaded strictly."""
     from lever_plugins.recipes import load_recipe
 
     run_dir = os.path.abspath(run_dir)
@@ -305,40 +303,12 @@ def save_gate_maps_for_run(
     if not os.path.isfile(checkpoint):
         raise LaunchError(f"checkpoint not found: {checkpoint}")
     import lever_plugins.registry  # noqa: F401
-    from lever_plugins.datasets.cirr import CirrTripletDataset, load_cirr_image
-    from lever_plugins.datasets.transforms import cir_image_transform
+    from lever_plugins.datasets.builders import build_eval_split
     from lever_plugins.models.blip2_cir import Blip2CirModel
-    from lever_plugins.schema import expand_path
-    from lever_plugins.visualize import save_gate_heatmaps
+    from lever_plugins.tasks.gate_maps import draw_gate_maps
 
-    model = Blip2CirModel.from_config(resolved.data["model"])
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    model.load_state_dict(state.get("model", state), strict=False)
-    model.eval()
+    # the model's own strict loader: every weight present (frozen ones from `pretrained`), none foreign
+    model = Blip2CirModel.from_config({**resolved.data["model"], "finetuned": checkpoint})
     dataset_name, dataset_block = next(iter(resolved.data["datasets"].items()))
-    transform = cir_image_transform(dataset_block["image_size"], dataset_block["target_ratio"])
-    if dataset_name == "lever_fashioniq":
-        from lever_plugins.datasets.fashioniq import FashionIqTripletDataset
-
-        dataset = FashionIqTripletDataset(
-            expand_path(dataset_block["root"]), split, transform, categories=dataset_block["categories"], train=False,
-            load_target_image=False, image_extension=dataset_block["image_extension"],
-        )
-    else:
-        dataset = CirrTripletDataset(expand_path(dataset_block["root"]), split, transform, load_target_image=False)
-    count = min(num_queries, len(dataset))
-    items = [dataset[i] for i in range(count)]
-    images = torch.stack([item["reference_image"] for item in items])
-    texts = [item["text_input"] for item in items]
-    with torch.no_grad():
-        gates = model.gate_maps(images, texts)
-    size = model.settings.vision.image_size
-    display = max(size, 224)  # small demo images are drawn larger so the patch grid is visible
-    pictures = [
-        load_cirr_image(dataset.image_paths[item["reference_name"]], "gate-maps").convert("RGB").resize((display, display))
-        for item in items
-    ]
-    names = [f"{item['pair_id']}_{item['text_input'][:40].replace(' ', '_')}" for item in items]
-    grid = size // model.settings.vision.patch_size
-    return save_gate_heatmaps(gates, pictures, names, out_dir or os.path.join(run_dir, "gate_maps"),
-                              grid_size=(grid, grid), has_cls=True)
+    dataset = build_eval_split(dataset_name, dataset_block, split)
+    return draw_gate_maps(model, dataset, num_queries, out_dir or os.path.join(run_dir, "gate_maps"))

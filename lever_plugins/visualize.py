@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from lever_plugins.io import atomic_output
 
-__all__ = ["render_gate_heatmap", "save_gate_heatmaps", "SCALE_WIDTH"]
+__all__ = ["render_gate_heatmap", "render_gate_panel", "save_gate_heatmaps", "save_gate_maps", "SCALE_WIDTH"]
 
 #: Width in pixels of the colour scale appended to the right of each heat-map.
 SCALE_WIDTH = 56
@@ -227,8 +227,157 @@ def save_gate_heatmaps(
             gate, image, grid_size=grid_size, has_cls=has_cls, opacity=opacity, vmin=vmin, vmax=vmax,
             colorbar=colorbar,
         )
-        target = directory / f"{stem}.png"
-        with atomic_output(target) as temp_name, open(temp_name, "wb") as stream:
-            picture.save(stream, format="PNG")
-        written.append(target)
+        written.append(_save_png(picture, directory / f"{stem}.png"))
     return written
+
+
+# ---------------------------------------------------------------------------------------------- panels
+GATE_LABEL = "gate (share of the text update)"
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)  # scalable (Pillow >= 10.1 with FreeType)
+    except TypeError:  # older Pillow: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int, max_lines: int = 2) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if draw.textlength(candidate, font=font) <= width or not line:
+            line = candidate
+        else:
+            lines.append(line)
+            line = word
+    lines.append(line)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = lines[-1].rstrip(". ") + " ..."
+    return lines
+
+
+def _labelled_colour_bar(height: int, vmin: float, vmax: float, font: ImageFont.ImageFont) -> Image.Image:
+    """Colour bar with ticks at both ends and the middle, and the gate's meaning written along it."""
+    width = 78
+    bar = Image.new("RGB", (width, height), (255, 255, 255))
+    ramp = np.linspace(1.0, 0.0, height)[:, None].repeat(14, axis=1)
+    bar.paste(Image.fromarray(_colormap(ramp)), (6, 0))
+    draw = ImageDraw.Draw(bar)
+    for fraction in (0.0, 0.5, 1.0):
+        y = int(round((1.0 - fraction) * (height - 1)))
+        value = vmin + fraction * (vmax - vmin)
+        draw.line([(20, y), (24, y)], fill=(0, 0, 0))
+        draw.text((26, min(max(y - 6, 0), height - 13)), f"{value:.2f}", fill=(0, 0, 0), font=font)
+    label = Image.new("RGB", (height, 16), (255, 255, 255))
+    ImageDraw.Draw(label).text((2, 1), GATE_LABEL, fill=(60, 60, 60), font=font)
+    bar.paste(label.rotate(90, expand=True), (width - 17, 0))
+    return bar
+
+
+def render_gate_panel(
+    gate: Any,
+    reference: Any,
+    text: str,
+    target: Any = None,
+    *,
+    grid_size: GridSize = None,
+    has_cls: bool = True,
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+    alpha: Optional[float] = None,
+    opacity: float = 0.5,
+) -> Image.Image:
+    """One query as a person reads it: the modification text as the title, the reference image with
+    its per-patch gate overlaid beside the target image, a labelled colour bar on the fixed scale
+    ``[vmin, vmax]`` (shared by every panel, so two panels compare), and the gate's actual range in
+    this image (and ``alpha``, the update's overall scale) underneath.
+    """
+    overlay = render_gate_heatmap(gate, reference, grid_size=grid_size, has_cls=has_cls, opacity=opacity,
+                                  vmin=vmin, vmax=vmax, colorbar=False)
+    width, height = overlay.size
+    target_picture = _to_pil(target).resize((width, height)) if target is not None else None
+    patches = _patch_grid(_to_numpy(gate), grid_size, has_cls)
+    font, title_font = _font(12), _font(14)
+    pictures_width = width * (2 if target_picture is not None else 1) + (8 if target_picture is not None else 0)
+    bar = _labelled_colour_bar(height, vmin, vmax, font)
+    total_width = pictures_width + 8 + bar.width
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    title = _wrap(probe, f'"{text}"', title_font, total_width - 12)
+    top = 8 + 18 * len(title) + 16
+    canvas = Image.new("RGB", (total_width, top + height + 24), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for row, line in enumerate(title):
+        draw.text((6, 6 + 18 * row), line, fill=(0, 0, 0), font=title_font)
+    draw.text((0, top - 15), "reference, gate overlaid", fill=(60, 60, 60), font=font)
+    canvas.paste(overlay, (0, top))
+    if target_picture is not None:
+        draw.text((width + 8, top - 15), "target", fill=(60, 60, 60), font=font)
+        canvas.paste(target_picture, (width + 8, top))
+    canvas.paste(bar, (pictures_width + 8, top))
+    caption = f"gate in this image: {patches.min():.3f} - {patches.max():.3f} (mean {patches.mean():.3f})"
+    if alpha is not None:
+        caption += f"; alpha {alpha:.3g}"
+    draw.text((0, top + height + 6), caption, fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def grid_of(panels: Sequence[Image.Image], columns: int = 4, gap: int = 12) -> Image.Image:
+    """Panels in rows of ``columns``, on a white sheet."""
+    if not panels:
+        raise ValueError("grid_of needs at least one panel")
+    cell_w = max(p.width for p in panels)
+    cell_h = max(p.height for p in panels)
+    columns = max(1, min(columns, len(panels)))
+    rows = math.ceil(len(panels) / columns)
+    sheet = Image.new("RGB", (columns * cell_w + (columns - 1) * gap, rows * cell_h + (rows - 1) * gap), (255, 255, 255))
+    for index, panel in enumerate(panels):
+        sheet.paste(panel, ((index % columns) * (cell_w + gap), (index // columns) * (cell_h + gap)))
+    return sheet
+
+
+def save_gate_maps(
+    gates: Any,
+    references: Sequence[Any],
+    texts: Sequence[str],
+    names: Sequence[str],
+    out_dir: Union[str, os.PathLike],
+    *,
+    targets: Optional[Sequence[Any]] = None,
+    grid_size: GridSize = None,
+    has_cls: bool = True,
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+    alpha: Optional[float] = None,
+    columns: int = 4,
+) -> list[Path]:
+    """One :func:`render_gate_panel` PNG per query (``out_dir/<name>.png``) and ``out_dir/grid.png`` with
+    all of them; every file written atomically. Returns the per-query paths, then the grid's."""
+    gate_array = _to_numpy(gates)
+    if gate_array.ndim != 2:
+        raise ValueError(f"gates must be (B, N), got shape {gate_array.shape}")
+    targets = list(targets) if targets is not None else [None] * len(names)
+    if not len(references) == len(texts) == len(names) == len(targets) == gate_array.shape[0]:
+        raise ValueError(f"gates ({gate_array.shape[0]}), references ({len(references)}), texts ({len(texts)}), "
+                         f"targets ({len(targets)}) and names ({len(names)}) must have the same length")
+    stems = [_file_stem(n) for n in names]
+    duplicates = sorted({s for s in stems if stems.count(s) > 1} | ({"grid"} & set(stems)))
+    if duplicates:
+        raise ValueError(f"names must give distinct file names other than 'grid'; repeated: {duplicates}")
+    directory = Path(out_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    panels, written = [], []
+    for gate, reference, text, target, stem in zip(gate_array, references, texts, targets, stems):
+        panel = render_gate_panel(gate, reference, text, target, grid_size=grid_size, has_cls=has_cls,
+                                  vmin=vmin, vmax=vmax, alpha=alpha)
+        panels.append(panel)
+        written.append(_save_png(panel, directory / f"{stem}.png"))
+    written.append(_save_png(grid_of(panels, columns), directory / "grid.png"))
+    return written
+
+
+def _save_png(picture: Image.Image, target: Path) -> Path:
+    with atomic_output(target) as temp_name, open(temp_name, "wb") as stream:
+        picture.save(stream, format="PNG")
+    return target

@@ -74,7 +74,16 @@ def test_existing_lavis_train_py_sequence_runs_our_recipe(tmp_path, demo_data):
     assert (out / "checkpoint_best.pth").is_file() and (out / "checkpoint_last.pth").is_file()
     checkpoint = torch.load(out / "checkpoint_last.pth", weights_only=True)
     assert checkpoint["epoch"] == 0 and "gated_fusion.alpha" in checkpoint["model"]
-    assert len(list((out / "gate_maps").glob("*.png"))) == 2
+    maps = sorted(p.name for p in (out / "gate_maps").glob("*.png"))
+    assert len(maps) == 3 and "grid.png" in maps  # two queries and their grid
+    from PIL import Image
+
+    with Image.open(out / "gate_maps" / maps[0]) as panel:  # reference + target side by side, colour bar
+        assert panel.width > 2 * 224 and panel.height > 224
+    again = subprocess.run([sys.executable, "-m", "lever_plugins.cli", "gate-maps", str(out), "-n", "3",
+                            "--out", str(tmp_path / "maps")], cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(list((tmp_path / "maps").glob("*.png"))) == 4
     # how far the gate opened, per epoch: in the metrics and drawn
     assert isinstance(records[0]["gate_alpha"], float) and 0.0 < records[0]["gate_mean"] < 1.0
     assert records[0]["gate_alpha"] == pytest.approx(float(checkpoint["model"]["gated_fusion.alpha"]), abs=0.05)

@@ -368,4 +368,5 @@ def test_one_epoch_through_lavis_train_sequence_with_gate_maps(fiq_root: Path, t
         assert 0.0 <= val[key] <= 100.0, key
     assert val["agg_metrics"] == val["average_recall"] and val["best_epoch"] == 0
     assert (out / "checkpoint_best.pth").is_file()
-    assert len(list((out / "gate_maps").glob("*.png"))) == 2
+    assert len(list((out / "gate_maps").glob("*.png"))) == 3  # two queries and their grid
+    assert (out / "gate_maps" / "grid.png").is_file()

@@ -129,3 +129,34 @@ def test_gates_from_the_module_render(tmp_path):
     _, gates = module(image_tokens, text, torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]), return_gate=True)
     paths = save_gate_heatmaps(gates, torch.rand(2, 3, 56, 56), ["p0", "p1"], tmp_path)
     assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_gate_panel_puts_reference_and_target_side_by_side_on_a_fixed_scale():
+    from lever_plugins.visualize import render_gate_panel
+
+    reference, target = Image.new("RGB", (64, 64), (200, 200, 200)), Image.new("RGB", (64, 64), (0, 0, 255))
+    low, high = np.full(1 + 16, 0.45), np.full(1 + 16, 0.55)
+    with_target = render_gate_panel(low, reference, "make it blue", target, grid_size=4)
+    alone = render_gate_panel(low, reference, "make it blue", grid_size=4)
+    assert with_target.width >= alone.width + 64 and with_target.height > 64
+    # one fixed scale for every panel: a gate of 0.55 is drawn brighter than 0.45, not both as the extremes
+    a = np.asarray(render_gate_panel(low, reference, "t", grid_size=4), dtype=float)
+    b = np.asarray(render_gate_panel(high, reference, "t", grid_size=4), dtype=float)
+    assert not np.array_equal(a, b)
+    with pytest.raises(ValueError, match="vmax"):
+        render_gate_panel(low, reference, "t", grid_size=4, vmin=1.0, vmax=0.0)
+
+
+def test_save_gate_maps_writes_a_panel_per_query_and_their_grid(tmp_path):
+    from lever_plugins.visualize import save_gate_maps
+
+    pictures = [Image.new("RGB", (32, 32), (i * 60, 0, 0)) for i in range(3)]
+    paths = save_gate_maps(torch.rand(3, 1 + 16), pictures, ["a", "b", "c"], ["q0", "q1", "q2"], tmp_path,
+                           targets=pictures, grid_size=4, alpha=0.1, columns=2)
+    assert [p.name for p in paths] == ["q0.png", "q1.png", "q2.png", "grid.png"]
+    with Image.open(paths[0]) as panel, Image.open(paths[-1]) as grid:
+        assert grid.width >= 2 * panel.width and grid.height >= 2 * panel.height
+    with pytest.raises(ValueError, match="same length"):
+        save_gate_maps(torch.rand(2, 17), pictures, ["a", "b"], ["x", "y"], tmp_path, grid_size=4)
+    with pytest.raises(ValueError, match="other than 'grid'"):
+        save_gate_maps(torch.rand(1, 17), pictures[:1], ["a"], ["grid"], tmp_path, grid_size=4)

@@ -108,3 +108,16 @@ class FashionIQBuilder(BaseDatasetBuilder):
             datasets[split] = dataset
             logger.info("lever_fashioniq %s (%s): %d triplets", split, ", ".join(settings.categories), len(dataset))
         return datasets
+
+
+def build_eval_split(name: str, block: dict, split: str):
+    """One evaluation split of a CIR dataset block of a resolved recipe (``lever_cirr`` / ``lever_fashioniq``),
+    built by its builder exactly as a run builds it."""
+    from omegaconf import OmegaConf
+
+    builders = {"lever_cirr": CirrBuilder, "lever_fashioniq": FashionIQBuilder}
+    if name not in builders:
+        raise RecipeError([f"datasets.{name}: gate maps need a CIR dataset ({', '.join(builders)})"])
+    config = OmegaConf.create({**block, "splits": [split], "generate_demo": False} if name == "lever_cirr"
+                              else {**block, "splits": [split]})
+    return builders[name](config).build_datasets()[split]

@@ -368,6 +368,10 @@ class LeverRunner(RunnerBase):
                 f"{source}: checkpoint does not match the model (missing {missing[:5]}, unexpected {result.unexpected_keys[:5]})"
             )
 
+    def best_model(self):
+        """The model in memory (unwrapped) with ``checkpoint_best.pth``'s weights, loaded strictly."""
+        return self._reload_best_model(self.unwrap_dist_model(self.model))
+
     def _reload_best_model(self, model):
         path = os.path.join(self.output_dir, BEST_CHECKPOINT)
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)

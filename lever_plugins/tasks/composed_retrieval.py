@@ -126,11 +126,14 @@ class ComposedRetrievalTask(LeverTask):
         if getattr(model, "gated_fusion", None) is None:
             logger.warning("run.save_gate_maps=%d but model.use_gated_fusion is false: no gate maps", count)
             return
-        from lever_plugins.launch import save_gate_maps_for_run
+        from lever_plugins.tasks.gate_maps import draw_gate_maps
 
         split = "val" if "val" in runner.dataloaders else next(iter(runner.dataloaders))
-        paths = save_gate_maps_for_run(str(runner.output_dir), split=split, num_queries=count)
-        logger.info("saved %d gate maps to %s", len(paths), os.path.dirname(str(paths[0])) if paths else "-")
+        if os.path.isfile(os.path.join(str(runner.output_dir), "checkpoint_best.pth")):
+            model = runner.best_model()  # the model in memory, with the best epoch's weights
+        out_dir = os.path.join(str(runner.output_dir), "gate_maps")
+        paths = draw_gate_maps(model, runner.dataloaders[split].dataset, count, out_dir)
+        logger.info("saved %d gate maps and their grid to %s", max(len(paths) - 1, 0), out_dir)
 
     @staticmethod
     def _plot_gate_opening(output_dir) -> None:
