@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional, Tuple
+from typing import Any, Iterable, Mapping, Tuple
 
 import yaml
 
@@ -214,10 +214,6 @@ class ResolvedRecipe:
     sources: dict = field(default_factory=dict)
     files: list = field(default_factory=list)  # the recipe files merged, bases first
 
-    @property
-    def model_spec(self) -> catalog.PluginSpec:
-        return catalog.get_plugin("model", self.data["model"]["arch"])
-
     def output_dir(self) -> str:
         return self.data["run"]["output_dir"]
 
@@ -265,7 +261,14 @@ def resolve_model_block(block: Mapping, problems: list[str]) -> Any:
 
 
 def _settings_block(spec: catalog.PluginSpec, data: Any, path: str, problems: list[str]) -> Any:
-    cls = spec.settings_class()
+    try:
+        cls = spec.settings_class()
+    except Exception as exc:
+        if not spec.origin:
+            raise
+        problems.append(f"{path}: settings {spec.settings} of plugin package {spec.origin} do not import "
+                        f"({type(exc).__name__}: {exc})")
+        return None
     if cls is None:
         return data
     return from_mapping(cls, data, path, problems)
@@ -384,9 +387,3 @@ def _resolved_sources(data: Mapping, sources: Mapping[KeyPath, str]) -> dict[Key
         if note:
             out[leaf] = note
     return out
-
-
-def read_resolved(output_dir: str) -> Optional[dict]:
-    """The recipe saved by an earlier run in ``output_dir``, or None."""
-    path = os.path.join(output_dir, "recipe.yaml")
-    return load_yaml(path) if os.path.isfile(path) else None
