@@ -88,3 +88,49 @@ def tiny_qwen25_vl(seed: int = 0):
     )
     torch.manual_seed(seed)
     return Qwen2_5_VLForConditionalGeneration(config).eval(), processor
+
+
+def parity_tokenizer():
+    """Word-level tokenizer over the demo words for the Lever-LM parity test (``tests/test_icl_leverlm_parity.py``).
+
+    Unlike the demo's tokenizer it adds no BOS token, and a capitalised word is always a token of its
+    own (``"redQuestion"`` -> ``red``, ``Question``): Lever-LM counts its loss mask on a prompt string
+    re-assembled without the join between the last demonstration and the query, and with these two
+    properties that string has exactly the token count of the real prefix (see the test's docstring).
+    """
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from lever_plugins.datasets.demo_vqa import demo_words
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    vocab = {token: i for i, token in enumerate([*specials, "\n", *demo_words()])}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
+        pre_tokenizers.Punctuation(behavior="isolated"),
+        pre_tokenizers.Split(Regex("[A-Z][a-z]*"), behavior="isolated"),
+        pre_tokenizers.Split(Regex("[ \t]+"), behavior="removed"),
+    ])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def parity_lm(seed: int = 2024):
+    """A tiny Llama built from a config whose every weight is drawn from ``torch.Generator().manual_seed(seed)``
+    (norms ``1 + 0.1 N(0,1)``, everything else ``0.3 N(0,1)``, in ``named_parameters()`` order): the same
+    weights on any torch / transformers version, without a weights file. Returns ``(model, tokenizer)``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = parity_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            parameter.copy_(1 + 0.1 * noise if "norm" in name else 0.3 * noise)
+    return model.eval(), tokenizer

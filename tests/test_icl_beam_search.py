@@ -126,7 +126,7 @@ def _table():
 
 def test_beam_search_scores_all_extensions_in_one_batch_per_step():
     vlm = TableVlm(_table())
-    result = bs.beam_search_query(vlm, QUERY, POOL, beam_size=2, shots=2, score="prob_gain")
+    result = bs.beam_search_query(vlm, QUERY, POOL, beam_size=2, shots=2, score="prob_gain", rank_by="cumulative_gain")
     # base, then all 3 candidates, then 2 beams x 2 remaining candidates: one scorer call per step.
     assert vlm.calls == [1, 3, 4]
     assert result["icds"] == [1, 2]  # B then C: beam 2 keeps B and finds the best pair
@@ -134,6 +134,10 @@ def test_beam_search_scores_all_extensions_in_one_batch_per_step():
     assert result["scores"] == pytest.approx([p(1.2) - p(2.0), p(0.1) - p(1.2)])
     assert sum(result["scores"]) == pytest.approx(result["final_score"] - result["base_score"])
     assert result["beams"][1]["icds"] == [0, 1]  # runner-up: A then B (0.9)
+    # Lever-LM's ranking (the default): the last step's gain; B then A gains more over B than A then B over A.
+    lever = bs.beam_search_query(TableVlm(_table()), QUERY, POOL, beam_size=2, shots=2, score="prob_gain")
+    assert [b["icds"] for b in lever["beams"]] == [[1, 2], [1, 0]]
+    assert lever["beams"][1]["scores"] == pytest.approx([p(1.2) - p(2.0), p(0.9) - p(1.2)])
 
 
 def test_greedy_beam_misses_what_a_wider_beam_finds_and_logprob_gain_is_the_log_score():
@@ -147,7 +151,8 @@ def test_exhaustive_beam_equals_brute_force():
     pool = [_example(20 + i, "x", "red") for i in range(5)]
     table = {frozenset(s): float(torch.rand(1, generator=generator)) * 3
              for k in range(4) for s in permutations([e.question_id for e in pool], k)}
-    result = bs.beam_search_query(TableVlm(table), QUERY, pool, beam_size=5 * 4 * 3, shots=3, score="prob_gain")
+    result = bs.beam_search_query(TableVlm(table), QUERY, pool, beam_size=5 * 4 * 3, shots=3, score="prob_gain",
+                                  rank_by="cumulative_gain")
     best = min(permutations(range(5), 3), key=lambda seq: (table[frozenset(pool[i].question_id for i in seq)], seq))
     assert frozenset(result["icds"]) == frozenset(best)
     assert result["final_score"] == pytest.approx(math.exp(-table[frozenset(pool[i].question_id for i in best)]))

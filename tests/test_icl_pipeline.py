@@ -335,7 +335,7 @@ def test_demo_recipe_dry_run_plan():
     assert "train: PointerSelectorV3(d_model=64, hidden_dim=64, K=32, shot_num=2)" in result.output
     bad = CliRunner().invoke(main, ["validate", DEMO, "--set", "run.stages=[train,embed]", "--set", "model.num_heads=2"])
     assert bad.exit_code == 2
-    assert "error: " + DEMO + ": model.num_heads: read only by model_type v2 (this is v3); remove it" in bad.output
+    assert "error: " + DEMO + ": model.num_heads: read only by model_type v2 (this is v3); leave it out (or at its default, 4), or set model_type: v2" in bad.output
 
 
 def test_centring_uses_the_supporting_set_mean_for_queries_and_candidates():
@@ -357,3 +357,36 @@ def test_block_mismatches_stop_the_run_before_any_stage(tmp_path):
     assert "model.K: 32 must equal run.beam_search.pool_size (16)" in result.output
     assert "model.d_model: 32 must equal the feature width, run.embed.blip2.qformer.hidden_size (64)" in result.output
     assert not (tmp_path / "demo").exists() and not (tmp_path / "out" / "embed").exists()
+
+
+def test_select_and_evaluate_run_once_in_one_process_and_on_every_rank_under_the_launcher(monkeypatch):
+    from lever_plugins.runners import distributed as lever_dist
+
+    calls = []
+
+    class Pipeline:
+        def select(self, selector, weights):
+            calls.append("select")
+
+        def evaluate(self, shard=False):
+            calls.append(f"evaluate shard={shard}")
+            return {"markdown": "m", "png": "p"}
+
+    from lever_plugins.schemas.icl import IclEvaluateSettings
+
+    task = _task(evaluation=IclEvaluateSettings(methods=["random"]))
+    task.pipeline = Pipeline()
+    task.after_training_all_ranks(None)  # one process: nothing to share
+    task.after_training(None)  # the main process does both, alone
+    assert calls == ["select", "evaluate shard=False"]
+    calls.clear()
+    monkeypatch.setattr(lever_dist, "world_size", lambda: 2)
+    monkeypatch.setattr(lever_dist, "barrier", lambda: calls.append("barrier"))
+    task.after_training(None)  # main process only: left to every rank
+    assert calls == []
+    task.after_training_all_ranks(None)
+    assert calls == ["select", "barrier", "evaluate shard=True"]
+    calls.clear()
+    monkeypatch.setattr(lever_dist, "is_main_process", lambda: False)
+    task.after_training_all_ranks(None)  # another rank: waits for the selections, evaluates its share
+    assert calls == ["barrier", "evaluate shard=True"]

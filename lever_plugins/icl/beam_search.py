@@ -7,10 +7,17 @@ For each query ``x`` (with gold answer ``y``) and its candidate pool ``P`` (K su
 2. step ``t`` extends every kept beam ``S`` by every candidate ``c`` of ``P`` not in ``S``; the
    candidate's **gain** is ``s(S + c) - s(S)``; all extensions of all beams are scored in one batched
    pass (``run.vlm.batch_size`` sequences per forward, no loop over candidates);
-3. the ``beam_size`` extensions with the highest **cumulative gain** ``s(S + c) - s([])`` are kept.
-   Cumulative gain ranks sequences by how much they raise the gold answer's score over zero-shot;
-   Lever-LM ranks by the last step's gain alone, which differs when beams start from different
-   scores. Ties go to the earlier beam, then the lower pool index (deterministic).
+3. the ``beam_size`` extensions with the highest gain are kept, ranked by ``rank_by``:
+   ``last_gain`` (default, Lever-LM's ``generate_data.py``: each beam's ``topk`` of
+   ``get_info_score``, then ``beam_filter`` over all of them) ranks by the last step's gain
+   ``s(S + c) - s(S)`` alone; ``cumulative_gain`` ranks by ``s(S + c) - s([])``, how much the whole
+   sequence raises the gold answer's score over zero-shot. The two differ when beams start from
+   different scores. Ties go to the earlier beam, then the lower pool index (deterministic).
+
+The new demonstration goes to the far left of the prompt (Lever-LM's ``construct_order: left``):
+the prompt shows the selection in reverse, the first choice next to the query (:mod:`~lever_plugins.
+icl.vlm`). ``tests/test_icl_leverlm_parity.py`` checks the scores and the kept beams against numbers
+recorded from Lever-LM's own ``get_info_score`` and beam loop.
 
 Every beam kept at the last step is a training sequence (Lever-LM trains on all of them): ``icds``
 (pool indices in selection order) and ``scores`` (each step's gain: ``scores[i]`` is the gain of
@@ -98,10 +105,17 @@ class _Beam:
     score: float  # s(sequence)
 
 
+RANK_BY = ("last_gain", "cumulative_gain")
+
+
 def beam_search_query(
-    vlm: VqaVlm, query: VqaExample, pool: Sequence[VqaExample], beam_size: int, shots: int, score: str
+    vlm: VqaVlm, query: VqaExample, pool: Sequence[VqaExample], beam_size: int, shots: int, score: str,
+    rank_by: str = "last_gain",
 ) -> dict:
     """Beam search for one query (see the module docstring).
+
+    Args:
+        rank_by: ``last_gain`` (Lever-LM) or ``cumulative_gain``: what the kept extensions are ranked by.
 
     Returns:
         ``{"question_id", "icds", "scores", "base_score", "final_score", "beams": [{"icds", "scores"}]}``
@@ -109,6 +123,8 @@ def beam_search_query(
     """
     if shots > len(pool):
         raise ValueError(f"question_id {query.question_id}: cannot choose {shots} demonstrations from a pool of {len(pool)}")
+    if rank_by not in RANK_BY:
+        raise ValueError(f"unknown rank_by {rank_by!r}; expected one of {RANK_BY}")
     base = float(score_from_nll(vlm.answer_nll([IclPrompt(query)], [query.answer]), score)[0])
     beams = [_Beam((), (), base)]
     for _ in range(shots):
@@ -121,7 +137,9 @@ def beam_search_query(
                 owners.append((b, c))
                 prompts.append(IclPrompt(query, tuple(pool[i] for i in (*beam.sequence, c))))
         scores = score_from_nll(vlm.answer_nll(prompts, [query.answer] * len(prompts)), score).tolist()
-        ranked = sorted(range(len(owners)), key=lambda j: (-(scores[j] - base), owners[j][0], owners[j][1]))
+        # The gain a candidate is ranked by: over its own beam (Lever-LM) or over zero-shot.
+        reference = [beams[b].score if rank_by == "last_gain" else base for b, _ in owners]
+        ranked = sorted(range(len(owners)), key=lambda j: (-(scores[j] - reference[j]), owners[j][0], owners[j][1]))
         new_beams = []
         for j in ranked[:beam_size]:
             b, c = owners[j]
@@ -169,6 +187,7 @@ def run_beam_search(
     beam_size: int,
     shots: int,
     score: str,
+    rank_by: str = "last_gain",
     rank: int = 0,
     world_size: int = 1,
     progress: bool = True,
@@ -198,7 +217,7 @@ def run_beam_search(
     for count, qid in enumerate(todo, start=1):
         query = candidates[qid]
         pool = [candidates[c] for c in pools[qid]]
-        record = beam_search_query(vlm, query, pool, beam_size, shots, score)
+        record = beam_search_query(vlm, query, pool, beam_size, shots, score, rank_by)
         append_jsonl(own_path, [record])
         if bar is not None:
             bar.update(1)

@@ -16,6 +16,13 @@ or the same as ``train_query`` with ``candidate_text: question``) and ``eval_que
 centred (``center``) and L2-normalised. ``manifest.json`` records what made them; a cache made with
 other settings is refused rather than silently mixed. Raw features are saved in parts of
 ``PART_EXAMPLES`` examples, so an interrupted run resumes.
+
+Under torch.distributed every rank calls :func:`embed_stage`: the batches of each part (examples in
+question_id order, ``batch_size`` per batch, exactly the single-process batches) are dealt to the
+ranks (:func:`~lever_plugins.runners.distributed.shard_indices`), encoded there and gathered
+(:func:`~lever_plugins.runners.distributed.gather_sharded`); rank 0 writes the part files, tables
+and manifest. The features equal the single-process ones bit for bit, and the part files do not
+depend on the number of ranks, so a run resumes under any ``--nproc``.
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lever_plugins.icl.data import IclDataError, VqaExample, VqaSplit, load_example_image, read_json
+from lever_plugins.runners import distributed as lever_dist
 from lever_plugins.io import atomic_output, write_json_atomic
 from lever_plugins.schema import expand_path
 from lever_plugins.schemas.icl import EmbedSettings
@@ -37,6 +45,7 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 TABLES = ("train_query", "train_candidate", "eval_query")
 PART_EXAMPLES = 4096
+RANDOM_INIT_SEED = 0
 
 # BLIP-2's eval image transform (LAVIS blip_image_eval): bicubic resize, CLIP mean / std.
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -158,7 +167,11 @@ def build_encoder(settings: EmbedSettings) -> FeatureEncoder:
     device = resolve_device(settings.device)
     if settings.encoder == "transformers":
         return TransformersTextEncoder(expand_path(str(settings.path)), settings.pooling, device)
-    return Blip2FeatureEncoder(settings, device)
+    # Weights that no checkpoint covers (all of them without blip2.pretrained, the demo) are drawn from
+    # a fixed seed, not from the process's RNG: every rank (seeded run.seed + rank) builds the same encoder.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return Blip2FeatureEncoder(settings, device)
 
 
 # ------------------------------------------------------------------------------------------ cache
@@ -184,36 +197,50 @@ def table_path(cache_dir: str, table: str) -> str:
 def encode_table(
     encoder: FeatureEncoder, examples: Sequence[VqaExample], texts: Sequence[str], cache_dir: str, table: str,
     batch_size: int, progress: bool = True,
-) -> torch.Tensor:
-    """Raw ``(N, dim)`` features of ``examples``, computed part by part (finished parts are reused)."""
+) -> Optional[torch.Tensor]:
+    """Raw ``(N, dim)`` features of ``examples``, computed part by part (finished parts are reused).
+
+    Under torch.distributed every rank must call it: each encodes its share of every part's batches;
+    rank 0 gathers them, writes the part and returns the table (the other ranks return None).
+    """
+    main = lever_dist.is_main_process()
     parts = []
     bar = None
-    if progress:
+    if progress and main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(examples), desc=f"embed {table}", leave=False, dynamic_ncols=True)
     for part, lo in enumerate(range(0, len(examples), PART_EXAMPLES)):
         hi = min(len(examples), lo + PART_EXAMPLES)
         path = _part_path(cache_dir, table, part)
-        if os.path.isfile(path):
-            parts.append(torch.load(path, map_location="cpu", weights_only=True))
+        if lever_dist.broadcast_object(os.path.isfile(path)):  # rank 0's view: every rank takes the same branch
+            if main:
+                parts.append(torch.load(path, map_location="cpu", weights_only=True))
             if bar is not None:
                 bar.update(hi - lo)
             continue
+        starts = list(range(lo, hi, batch_size))
         chunks = []
-        for start in range(lo, hi, batch_size):
+        for index in lever_dist.shard_indices(len(starts)):  # this rank's batches of the part
+            start = starts[index]
             batch = examples[start:min(hi, start + batch_size)]
             images = _load_images(batch) if encoder.needs_images else None
             chunks.append(encoder.encode(texts[start:start + len(batch)], images).float().cpu())
             if bar is not None:
                 bar.update(len(batch))
+        done_here = sum(len(c) for c in chunks)
+        chunks = lever_dist.gather_sharded(chunks)  # every batch of the part, in order
+        if not main:
+            continue
+        if bar is not None:
+            bar.update(hi - lo - done_here)  # the other ranks' batches
         features = torch.cat(chunks)
         with atomic_output(path) as tmp:
             torch.save(features, tmp)
         parts.append(features)
     if bar is not None:
         bar.close()
-    return torch.cat(parts)
+    return torch.cat(parts) if main else None
 
 
 def _part_path(cache_dir: str, table: str, part: int) -> str:
@@ -277,17 +304,32 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 def embed_stage(
     settings: EmbedSettings, train: VqaSplit, eval_split: VqaSplit, cache_dir: str, progress: bool = True
 ) -> dict[str, dict]:
-    """Compute (or reuse) the three feature tables; returns them by name."""
+    """Compute (or reuse) the three feature tables; returns them by name.
+
+    Under torch.distributed every rank calls it (see the module docstring); every rank returns the tables.
+    """
+    main = lever_dist.is_main_process()
     os.makedirs(cache_dir, exist_ok=True)
     fingerprint = embed_fingerprint(settings, train, eval_split)
-    manifest = check_manifest(
-        cache_dir, fingerprint, "features",
-        "delete that folder or point datasets.lever_vqa_icl.features_dir at a new one",
-    )
-    if manifest is not None and manifest.get("complete") and all(os.path.isfile(table_path(cache_dir, t)) for t in TABLES):
+    problem, reuse = None, False
+    if main:  # rank 0 decides; the others follow (a mismatch stops every rank, none waits forever)
+        try:
+            manifest = check_manifest(
+                cache_dir, fingerprint, "features",
+                "delete that folder or point datasets.lever_vqa_icl.features_dir at a new one",
+            )
+            reuse = bool(manifest is not None and manifest.get("complete")
+                         and all(os.path.isfile(table_path(cache_dir, t)) for t in TABLES))
+            if not reuse:
+                write_json_atomic(os.path.join(cache_dir, MANIFEST), {"fingerprint": fingerprint, "complete": False}, indent=2)
+        except IclDataError as exc:
+            problem = str(exc)
+    problem, reuse = lever_dist.broadcast_object((problem, reuse))
+    if problem:
+        raise IclDataError(problem)
+    if reuse:
         logger.info("embed: reusing the features in %s", cache_dir)
         return load_tables(cache_dir)
-    write_json_atomic(os.path.join(cache_dir, MANIFEST), {"fingerprint": fingerprint, "complete": False}, indent=2)
     encoder = build_encoder(settings)
     logger.info("embed: %s features (%s, d=%d) into %s", settings.encoder, settings.modality, encoder.dim, cache_dir)
     raw: dict[str, torch.Tensor] = {}
@@ -299,6 +341,9 @@ def embed_stage(
         jobs.insert(1, ("train_candidate", train.examples, [candidate_text(e, settings.candidate_text) for e in train.examples]))
     for table, examples, texts in jobs:
         raw[table] = encode_table(encoder, examples, texts, cache_dir, table, settings.batch_size, progress)
+    if not main:
+        lever_dist.barrier()  # rank 0 writes the tables
+        return load_tables(cache_dir)
     raw.setdefault("train_candidate", raw["train_query"])
     finished = finish_tables(raw, settings.center, settings.normalize)
     ids = {"train_query": train.question_ids, "train_candidate": train.question_ids, "eval_query": eval_split.question_ids}
@@ -318,6 +363,7 @@ def embed_stage(
     for name in os.listdir(cache_dir):
         if ".part" in name and name.endswith(".pt"):
             os.remove(os.path.join(cache_dir, name))
+    lever_dist.barrier()
     return tables
 
 

@@ -13,6 +13,12 @@ Zero-shot (no demonstration) is always evaluated. Accuracy is the official VQAv2
 (:func:`lever_plugins.metrics.vqa.vqa_accuracy`, in percent here). Predictions are appended per
 (method, shots) to ``predictions_<method>_<n>shot.jsonl``, so an interrupted evaluation resumes;
 the summary goes to ``vqa_accuracy.csv`` / ``.md`` / ``.png`` and ``summary.json``.
+
+With ``shard=True`` under torch.distributed (every rank calls :func:`evaluate_vqa`), each round
+deals the next ``world_size`` batches of the single-process batching (question_id order) one per
+rank (:func:`~lever_plugins.runners.distributed.shard_indices`), gathers the predictions
+(:func:`~lever_plugins.runners.distributed.gather_sharded`) and rank 0 appends them: the same
+batches, so the same predictions and accuracies as one process, and a killed run resumes as before.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from lever_plugins.icl.data import VqaSplit, append_jsonl, read_jsonl
 from lever_plugins.icl.vlm import IclPrompt, VqaVlm
 from lever_plugins.io import atomic_output, write_json_atomic, write_text_atomic
 from lever_plugins.metrics.vqa import vqa_accuracy
+from lever_plugins.runners import distributed as lever_dist
 
 logger = logging.getLogger(__name__)
 
@@ -106,51 +113,73 @@ def evaluate_vqa(
     shots: Sequence[int],
     out_dir: str,
     progress: bool = True,
+    shard: bool = False,
 ) -> list[dict]:
     """Generate answers for every (method, shots) and score them; returns one row per setting.
 
     Rows: ``{"method", "shots", "accuracy" (percent), "num_queries"}``, zero-shot first.
+    ``shard``: split the queries over the ranks of torch.distributed (every rank must call it; see
+    the module docstring); every rank returns the rows.
     """
+    sharded = shard and lever_dist.world_size() > 1
+    world = lever_dist.world_size() if sharded else 1
+    main = lever_dist.is_main_process() or not sharded
     os.makedirs(out_dir, exist_ok=True)
     settings = [(ZERO_SHOT, 0)] + [(m, n) for m in selections for n in shots]
     rows = []
+    size = vlm.settings.batch_size
     for method, n in settings:
         path = predictions_path(out_dir, method, n)
-        done = {int(r["question_id"]): r for r in read_jsonl(path, repair=True)}
+        done = {int(r["question_id"]): r for r in read_jsonl(path, repair=True)} if main else None
+        if sharded:
+            done = lever_dist.broadcast_object(done)  # rank 0 alone reads (and repairs) the file
         todo = [q for q in query_ids if q not in done]
-        if todo:
-            logger.info("evaluate: %s %d-shot, %d queries", method, n, len(todo))
+        if todo and main:
+            logger.info("evaluate: %s %d-shot, %d queries%s", method, n, len(todo), f" over {world} ranks" if sharded else "")
         bar = None
-        if progress and todo:
+        if progress and todo and main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(todo), desc=f"VQA {method} {n}-shot", leave=False, dynamic_ncols=True)
-        for start in range(0, len(todo), vlm.settings.batch_size):
-            ids = todo[start:start + vlm.settings.batch_size]
-            prompts = []
-            for qid in ids:
-                demo_ids = [] if n == 0 else list(selections[method][qid])[:n]
-                if len(demo_ids) < n:
-                    raise ValueError(f"{method}: question_id {qid} has {len(demo_ids)} selected demonstrations, {n} needed")
-                prompts.append(IclPrompt(eval_split[qid], tuple(support[d] for d in demo_ids)))
-            answers = vlm.generate(prompts)
-            records = []
-            for qid, prompt, answer in zip(ids, prompts, answers):
-                query = eval_split[qid]
-                records.append({
-                    "question_id": qid, "prediction": answer, "accuracy": vqa_accuracy(answer, list(query.answers)),
-                    "demos": [d.question_id for d in prompt.demos],
-                })
-            append_jsonl(path, records)
+        batches = [todo[start:start + size] for start in range(0, len(todo), size)]
+        for first in range(0, len(batches), world):
+            round_batches = batches[first:first + world]
+            mine = lever_dist.shard_indices(len(round_batches)) if sharded else range(len(round_batches))
+            local = [_answer_batch(vlm, eval_split, support, selections, method, n, round_batches[i]) for i in mine]
+            records = [r for part in (lever_dist.gather_sharded(local) if sharded else local) for r in part]
+            if main:
+                append_jsonl(path, records)
             done.update({r["question_id"]: r for r in records})
             if bar is not None:
-                bar.update(len(ids))
+                bar.update(len(records))
         if bar is not None:
             bar.close()
         # Re-scored from the stored answers: predictions cached by an earlier run keep the metric current.
         scores = [vqa_accuracy(done[q]["prediction"], list(eval_split[q].answers)) for q in query_ids]
         rows.append({"method": method, "shots": n, "accuracy": 100.0 * sum(scores) / len(scores), "num_queries": len(scores)})
     return rows
+
+
+def _answer_batch(
+    vlm: VqaVlm, eval_split: VqaSplit, support: VqaSplit, selections: Mapping[str, Mapping[int, Sequence[int]]],
+    method: str, n: int, ids: Sequence[int],
+) -> list[dict]:
+    """Prediction records of one batch of evaluation questions (``n`` demonstrations of ``method``)."""
+    prompts = []
+    for qid in ids:
+        demo_ids = [] if n == 0 else list(selections[method][qid])[:n]
+        if len(demo_ids) < n:
+            raise ValueError(f"{method}: question_id {qid} has {len(demo_ids)} selected demonstrations, {n} needed")
+        prompts.append(IclPrompt(eval_split[qid], tuple(support[d] for d in demo_ids)))
+    answers = vlm.generate(prompts)
+    records = []
+    for qid, prompt, answer in zip(ids, prompts, answers):
+        query = eval_split[qid]
+        records.append({
+            "question_id": qid, "prediction": answer, "accuracy": vqa_accuracy(answer, list(query.answers)),
+            "demos": [d.question_id for d in prompt.demos],
+        })
+    return records
 
 
 def accuracy_table(rows: Sequence[Mapping]) -> tuple[str, str]:
@@ -201,15 +230,20 @@ def plot_accuracy(rows: Sequence[Mapping], path: str, title: str = "VQA accuracy
     return path
 
 
-def write_report(rows: Sequence[Mapping], out_dir: str) -> dict[str, str]:
-    """Write ``vqa_accuracy.md`` / ``.csv`` / ``.png`` and ``summary.json``; returns their paths."""
-    markdown, csv_text = accuracy_table(rows)
-    paths = {
+def report_paths(out_dir: str) -> dict[str, str]:
+    """Where :func:`write_report` writes: ``markdown``, ``csv``, ``png``, ``summary``."""
+    return {
         "markdown": os.path.join(out_dir, "vqa_accuracy.md"),
         "csv": os.path.join(out_dir, "vqa_accuracy.csv"),
         "png": os.path.join(out_dir, "vqa_accuracy.png"),
         "summary": os.path.join(out_dir, "summary.json"),
     }
+
+
+def write_report(rows: Sequence[Mapping], out_dir: str) -> dict[str, str]:
+    """Write ``vqa_accuracy.md`` / ``.csv`` / ``.png`` and ``summary.json``; returns their paths."""
+    markdown, csv_text = accuracy_table(rows)
+    paths = report_paths(out_dir)
     write_text_atomic(paths["markdown"], markdown)
     write_text_atomic(paths["csv"], csv_text)
     plot_accuracy(rows, paths["png"])

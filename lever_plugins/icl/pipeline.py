@@ -145,9 +145,9 @@ class IclPipeline:
 
     # -------------------------------------------------------------------------------------- embed
     def embed(self) -> None:
-        """Stage ``embed`` (main process; the others wait)."""
-        if self.is_main:
-            features.embed_stage(self.run.embed, self.train, self.eval_split, self.features_dir, progress=self.progress)
+        """Stage ``embed``: every rank encodes its share of the batches, rank 0 writes the tables
+        (:func:`lever_plugins.icl.embed.embed_stage`)."""
+        features.embed_stage(self.run.embed, self.train, self.eval_split, self.features_dir, progress=self.progress)
         self.barrier()
 
     # -------------------------------------------------------------------------------------- pools
@@ -212,14 +212,14 @@ class IclPipeline:
         vlm = self.vlm()
         beams.run_beam_search(
             vlm, self.train, query_ids, pools, self.beam_dir, beam_size=self.run.beam_search.beam_size,
-            shots=self.run.beam_search.shots, score=self.run.beam_search.score, rank=self.rank,
+            shots=self.run.beam_search.shots, score=self.run.beam_search.score, rank_by=self.run.beam_search.rank_by, rank=self.rank,
             world_size=self.world_size, progress=self.progress, max_queries=max_queries,
         )
         if max_queries is not None:
             return beams.merge_beam_parts(self.beam_dir, query_ids) if self.is_main else None
         # Ranks finish at different times: wait on the files rather than in a collective (no timeout).
         while len(beams.finished_records(self.beam_dir).keys() & set(query_ids)) < len(query_ids):
-            time.sleep(5)
+            time.sleep(1)
         path = beams.merge_beam_parts(self.beam_dir, query_ids) if self.is_main else None
         self.barrier()
         return path or beams_path
@@ -284,8 +284,14 @@ class IclPipeline:
         return selections
 
     # -------------------------------------------------------------------------------------- evaluate
-    def evaluate(self) -> dict[str, str]:
-        """Stage ``evaluate``: VQA accuracy per (method, shots) + zero-shot; returns the report paths."""
+    def evaluate(self, shard: bool = False) -> dict[str, str]:
+        """Stage ``evaluate``: VQA accuracy per (method, shots) + zero-shot; returns the report paths.
+
+        ``shard``: every rank calls it and generates its share of the answers (rank 0 writes the
+        files); otherwise the calling process does everything.
+        """
+        sharded = shard and self.world_size > 1
+        main = self.is_main or not sharded
         path = os.path.join(self.select_dir, SELECTIONS_FILE)
         if not os.path.isfile(path):
             raise IclDataError(f"{path}: not found; run the select stage first (run.stages)")
@@ -298,21 +304,28 @@ class IclPipeline:
         fingerprint = {"select": select_manifest["fingerprint"], "vlm": vlm_settings, "vlm_path": os.path.abspath(self.vlm_path()),
                        "vlm_files": model_identity(self.vlm_path())}
         manifest_path = os.path.join(self.eval_dir, MANIFEST)
-        if os.path.isfile(manifest_path) and read_json(manifest_path, "evaluate manifest").get("fingerprint") != fingerprint:
-            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-            aside = f"{self.eval_dir}.old-{stamp}"
-            shutil.move(self.eval_dir, aside)
-            logger.warning("evaluate: selections or VLM changed; the previous predictions were moved to %s", aside)
-        os.makedirs(self.eval_dir, exist_ok=True)
-        write_json_atomic(manifest_path, {"fingerprint": fingerprint}, indent=2)
+        if main:
+            if os.path.isfile(manifest_path) and read_json(manifest_path, "evaluate manifest").get("fingerprint") != fingerprint:
+                stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+                aside = f"{self.eval_dir}.old-{stamp}"
+                shutil.move(self.eval_dir, aside)
+                logger.warning("evaluate: selections or VLM changed; the previous predictions were moved to %s", aside)
+            os.makedirs(self.eval_dir, exist_ok=True)
+            write_json_atomic(manifest_path, {"fingerprint": fingerprint}, indent=2)
+        if sharded:
+            self.barrier()
         rows = icl_eval.evaluate_vqa(
             self.vlm(), self.eval_split, self.train, query_ids,
             {m: selections[m] for m in self.run.evaluation.methods if m in selections},
-            self.run.evaluation.shots, self.eval_dir, progress=self.progress,
+            self.run.evaluation.shots, self.eval_dir, progress=self.progress, shard=sharded,
         )
-        paths = icl_eval.write_report(rows, self.eval_dir)
-        with open(paths["markdown"], encoding="utf-8") as handle:
-            logger.info("VQA accuracy (%d queries):\n%s", len(query_ids), handle.read())
+        paths = icl_eval.report_paths(self.eval_dir)
+        if main:
+            icl_eval.write_report(rows, self.eval_dir)
+            with open(paths["markdown"], encoding="utf-8") as handle:
+                logger.info("VQA accuracy (%d queries):\n%s", len(query_ids), handle.read())
+        if sharded:
+            self.barrier()
         return paths
 
 

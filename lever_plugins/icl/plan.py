@@ -40,7 +40,7 @@ def describe_icl_plan(data: dict) -> list[str]:
     plan = {
         "embed": f"embed: {embed['encoder']} {embed['modality']} features ({embed['pooling']} pooling) -> {features_dir}",
         "beam_search": (f"beam_search: {beam['num_queries']} queries, {beam['pool']} pools of K={beam['pool_size']}, "
-                        f"beam {beam['beam_size']}, {beam['shots']} shots, score {beam['score']}, "
+                        f"beam {beam['beam_size']} (by {beam['rank_by']}), {beam['shots']} shots, score {beam['score']}, "
                         f"VLM {vlm['kind']} {vlm_path} -> {beam_dir}"),
         "train": (f"train: PointerSelector{version.upper()}(d_model={d}, hidden_dim={h}, K={model['K']}, "
                   f"shot_num={model['shot_num']}) on {'every kept beam' if dataset.get('train_on', 'all') == 'all' else 'the best beam'} "

@@ -47,7 +47,7 @@ class PointerSelectorSettings(Settings):
     shot_num: int = setting(6, help="demonstrations the selector picks per query at inference (decoding steps)", ge=1)
     temperature: float = setting(0.1, help="logits = cosine / temperature", gt=0)
     dropout: float = setting(0.3, help="dropout after query_proj / cand_proj", ge=0, lt=1)
-    label_smoothing: float = setting(0.2, help="cross-entropy label smoothing (seeds: V1/V3 0.2, V2 0.1)", ge=0, lt=1)
+    label_smoothing: float = setting(0.2, help="cross-entropy label smoothing (the pointer-selector design: V1/V3 0.2, V2 0.1)", ge=0, lt=1)
     query_update: Literal["none", "additive"] = setting(
         "none", help="query state across steps: fixed, or query + sum of the chosen candidates"
     )
@@ -61,7 +61,7 @@ class PointerSelectorSettings(Settings):
         1.0, help="v3: hinge margin (pairwise: logit units; radi_pairwise: units of radi_pairwise_space)", gt=0
     )
     radi_pairwise_space: Literal["logits", "probs"] = setting(
-        "logits", help="v3 radi_pairwise: hinge on student logit gaps, or on probability gaps p_s(a_i) - p_s(a_j) (seed 003)"
+        "logits", help="v3 radi_pairwise: hinge on student logit gaps, or on probability gaps p_s(a_i) - p_s(a_j) (RADI as written)"
     )
     radi_sinkhorn_epsilon: float = setting(1.0, help="v3 radi_pairwise: entropic regularisation (relative)", gt=0)
     radi_sinkhorn_iters: int = setting(50, help="v3 radi_pairwise: Sinkhorn iterations", ge=1)
@@ -81,11 +81,13 @@ class PointerSelectorSettings(Settings):
         if self.model_type != "v2":
             for key in _V2_KEYS:
                 if getattr(self, key) != defaults[key]:
-                    yield f"{key}: read only by model_type v2 (this is {self.model_type}); remove it"
+                    yield (f"{key}: read only by model_type v2 (this is {self.model_type}); leave it out "
+                           f"(or at its default, {defaults[key]!r}), or set model_type: v2")
         if self.model_type != "v3":
             for key in _V3_KEYS:
                 if getattr(self, key) != defaults[key]:
-                    yield f"{key}: read only by model_type v3 (this is {self.model_type}); remove it"
+                    yield (f"{key}: read only by model_type v3 (this is {self.model_type}); leave it out "
+                           f"(or at its default, {defaults[key]!r}), or set model_type: v3")
         if self.shot_num > self.K:
             yield f"shot_num: cannot select {self.shot_num} distinct candidates from K = {self.K}"
         if self.model_type == "v2" and self.hidden_dim % self.num_heads:
@@ -272,12 +274,16 @@ class BeamSearchSettings(Settings):
 
     num_queries: int = setting(5000, help="beam-search queries drawn from the supporting set (Lever-LM: 5,000)", ge=1)
     pool: Literal["random", "similarity"] = setting("random", help="candidate pool per query: random, or top-K by feature similarity")
-    pool_size: int = setting(32, help="K candidates per query (Lever-LM: 64; seeds: 32)", ge=2)
+    pool_size: int = setting(32, help="K candidates per query (Lever-LM: 64; the pointer-selector design: 32)", ge=2)
     beam_size: int = setting(5, help="beams kept per step (Lever-LM: 5)", ge=1)
-    shots: int = setting(2, help="demonstrations per sequence (Lever-LM: 2; seeds' files: 6)", ge=1)
+    shots: int = setting(2, help="demonstrations per sequence (Lever-LM: 2; the original beam files: 6)", ge=1)
     score: Literal["prob_gain", "logprob_gain"] = setting(
         "prob_gain",
         help="prob_gain: InfoScore exp(-NLL) difference (Lever-LM) | logprob_gain: difference of mean answer log-probabilities",
+    )
+    rank_by: Literal["last_gain", "cumulative_gain"] = setting(
+        "last_gain",
+        help="which extensions a step keeps: highest last-step gain s(S+c)-s(S) (Lever-LM) | highest gain over zero-shot s(S+c)-s([])",
     )
     seed: int = setting(0, help="seed of the query sample and the random pools")
 

@@ -8,8 +8,14 @@ runner.train()``), so ``lever-plugins run`` and a LAVIS ``train.py`` run them al
   finished work), then builds the train / val datasets from the beam file;
 * the runner trains the selector (``train``); without ``train`` in the stages the runner is put in
   evaluate-only mode with no validation splits, so nothing is trained;
-* ``after_training`` (main process): ``select`` with the chosen checkpoint
-  (``run.evaluation.checkpoint``: best | last | a path) and ``evaluate``.
+* after training: ``select`` with the chosen checkpoint (``run.evaluation.checkpoint``: best |
+  last | a path) on the main process, then ``evaluate``. In one process both run in
+  ``after_training``. Under torch.distributed the runner calls ``after_training_all_ranks`` on every
+  rank first (also under LAVIS's own ``train.py``, which runs our runner), and the ranks share the
+  evaluation.
+
+Under torch.distributed ``embed``, ``beam_search`` and ``evaluate`` split their queries by
+question_id over the ranks and gather (results equal the single-process ones); ``train`` is DDP.
 
 Validation (per epoch, on ``val``): teacher-forced logits of the held-out beam-search queries ->
 step Top-1/3/5 accuracy (percent), MRR and NDCG@6 over all steps (:func:`lever_plugins.metrics.
@@ -174,12 +180,25 @@ class IclSelectionTask(LeverTask):
         return path, {"path": path, "size": stat.st_size, "mtime": int(stat.st_mtime)}
 
     def after_training(self, runner) -> None:
+        """Main process only (the runner's contract): select + evaluate in one process; with several,
+        :meth:`after_training_all_ranks` (which the runner calls on every rank first) shares them."""
+        if lever_dist.world_size() > 1:
+            return
+        self._select_and_evaluate(runner, shard=False)
+
+    def after_training_all_ranks(self, runner) -> None:
+        """Every rank, after training (the runner calls it before ``after_training``): with several
+        processes, select on the main process, then evaluate with the queries split over the ranks."""
+        if lever_dist.world_size() > 1:
+            self._select_and_evaluate(runner, shard=True)
+
+    def _select_and_evaluate(self, runner, shard: bool) -> None:
         stages = self.settings.stages
         if not ({"select", "evaluate"} & set(stages)):
             return
         if self.pipeline is None:  # pragma: no cover - build_datasets always runs first
             raise RuntimeError("lever_icl_selection: build_datasets did not run")
-        if "select" in stages:
+        if "select" in stages and lever_dist.is_main_process():
             selector, weights = None, None
             if "pointer" in self.settings.evaluation.methods:
                 path, weights = self._selector_weights(runner)
@@ -190,6 +209,9 @@ class IclSelectionTask(LeverTask):
                 selector = model.selector
                 logger.info("select: pointer selector weights from %s", path)
             self.pipeline.select(selector, weights)
+        if shard:
+            lever_dist.barrier()  # the selections are written
         if "evaluate" in stages:
-            paths = self.pipeline.evaluate()
-            logger.info("evaluate: table %s, plot %s", paths["markdown"], paths["png"])
+            paths = self.pipeline.evaluate(shard=shard)
+            if lever_dist.is_main_process():
+                logger.info("evaluate: table %s, plot %s", paths["markdown"], paths["png"])
