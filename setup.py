@@ -8,6 +8,7 @@ See README.md for the legacy LAVIS environment.
 import os
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py as _build_py
 
 here = os.path.dirname(os.path.abspath(__file__))
 version = {}
@@ -27,6 +28,37 @@ LAVIS_RUNTIME = [
     "spacy",
     "pycocoevalcap",
 ]
+
+# The startup hook (lever_plugins/_startup.py): Python runs this line from site-packages at start-up. It only
+# puts an import hook on sys.meta_path that re-exposes LAVIS's three moved transformers helpers right after
+# transformers.modeling_utils loads, so `import lever_plugins.registry` may come after LAVIS's own imports.
+# Guarded: a stale .pth (package deleted by hand) must never break the interpreter.
+STARTUP_PTH = "lever_plugins_startup.pth"
+STARTUP_LINE = (
+    'import os; exec("try:\\n from lever_plugins import _startup\\nexcept Exception:\\n pass\\n'
+    'else:\\n _startup.install()")\n'
+)
+
+
+class build_py(_build_py):
+    """Also writes STARTUP_PTH at the top of site-packages, for `pip install .` and `pip install -e .` alike.
+
+    A regular wheel: the top of ``build_lib`` is the wheel's purelib root. A PEP 660 editable wheel
+    (setuptools >= 64): ``build_lib`` is a scratch folder, but setuptools points ``install``'s
+    ``install_lib`` at the root of the wheel it is packing, which is installed into site-packages.
+    (``data_files`` would land in ``sys.prefix``, not in site-packages.)
+    """
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            target = self.get_finalized_command("install").install_lib
+        else:
+            target = self.build_lib
+        os.makedirs(target, exist_ok=True)
+        with open(os.path.join(target, STARTUP_PTH), "w", encoding="utf-8") as handle:
+            handle.write(STARTUP_LINE)
+
 
 setup(
     name="lever-plugins",
@@ -53,8 +85,13 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout"],
+        # run.loggers trackers (optional; not in `test`: wandb + mlflow-skinny pull ~250 MB and 36 packages)
+        "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
+        "mlflow": ["mlflow-skinny"],
         "dev": ["pytest>=7", "pytest-timeout", "ruff"],
     },
     entry_points={"console_scripts": ["lever-plugins=lever_plugins.cli:main"]},
+    cmdclass={"build_py": build_py},
     classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],
 )

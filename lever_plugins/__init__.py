@@ -7,9 +7,11 @@ plugins into LAVIS's registry, ``import lever_plugins.registry``.
 from __future__ import annotations
 
 import importlib
-from typing import Any
 
 from lever_plugins._version import __version__
+
+# No `typing` import: this package is imported at every interpreter start by the startup hook
+# (lever_plugins/_startup.py); annotations are strings (`from __future__ import annotations`).
 
 # public name -> module that defines it
 _LAZY_NAMES = {
@@ -30,7 +32,7 @@ _LAZY_NAMES = {
 __all__ = ["__version__", *_LAZY_NAMES]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     module_name = _LAZY_NAMES.get(name)
     if module_name is None:
         raise AttributeError(f"module 'lever_plugins' has no attribute {name!r}")

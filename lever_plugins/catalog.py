@@ -2,19 +2,33 @@
 
 Pure data, importable without torch or LAVIS: ``lever-plugins list`` / ``validate`` read it, and
 ``lever_plugins.registry`` imports each ``target`` and registers it into LAVIS.
+
+Other packages add rows through the entry-point group ``lever_plugins.plugins`` (:data:`ENTRY_POINT_GROUP`):
+each entry point names a list of :class:`PluginSpec` (or a function returning one) in a module that is
+pure data (no torch, no LAVIS: ``list`` and ``validate`` import it), e.g. in ``pyproject.toml``::
+
+    [project.entry-points."lever_plugins.plugins"]
+    acme = "acme_lever.plugins:PLUGINS"
+
+Their presets live under each row's ``config_root`` (``models/<arch>_<model_type>.yaml``,
+``datasets/<name>.yaml``). A broken entry point or row is reported as one line naming the distribution
+and the entry point (:func:`plugin_load_errors`) and skipped; everything else keeps working.
 """
 from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, replace
 from typing import Literal, Optional
 
 from lever_plugins.schema import RecipeError, suggest
 
 CONFIG_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+ENTRY_POINT_GROUP = "lever_plugins.plugins"
 
 Kind = Literal["model", "task", "dataset", "runner", "lr_scheduler"]
+KINDS: tuple[str, ...] = typing.get_args(Kind)
 
 
 @dataclass(frozen=True)
@@ -28,6 +42,18 @@ class PluginSpec:
     model_types: tuple[str, ...] = field(default=())  # for models: presets under configs/models/
     # for tasks: "module:function" taking the resolved recipe dict, returning problems between blocks
     cross_check: Optional[str] = None
+    # "module:function" taking the resolved recipe dict, returning the --dry-run plan lines of this plugin
+    # (what it attaches where, parameter counts); pure Python, nothing is built
+    describe: Optional[str] = None
+    # folder holding this row's presets: models/<arch>_<model_type>.yaml, datasets/<name>.yaml
+    # (None: lever_plugins/configs; plugin packages set an absolute path inside their package)
+    config_root: Optional[str] = None
+    # "" for ours; set on loading a plugin package's row: "<distribution> <version>, entry point <name> = <value>"
+    origin: str = ""
+
+    @property
+    def presets_root(self) -> str:
+        return self.config_root or CONFIG_ROOT
 
     def load(self):
         module_name, attribute = self.target.split(":")
@@ -37,6 +63,12 @@ class PluginSpec:
         if self.cross_check is None:
             return []
         module_name, attribute = self.cross_check.split(":")
+        return list(getattr(importlib.import_module(module_name), attribute)(data))
+
+    def plan_lines(self, data: dict) -> list[str]:
+        if self.describe is None:
+            return []
+        module_name, attribute = self.describe.split(":")
         return list(getattr(importlib.import_module(module_name), attribute)(data))
 
     def settings_class(self) -> Optional[type]:
@@ -55,6 +87,7 @@ PLUGINS: tuple[PluginSpec, ...] = (
         settings="lever_plugins.schemas.cir:Blip2CirSettings",
         recipe_block="model",
         model_types=("tiny", "pretrain"),
+        describe="lever_plugins.schemas.cir:describe_plan",
     ),
     PluginSpec(
         kind="dataset",
@@ -110,6 +143,7 @@ PLUGINS: tuple[PluginSpec, ...] = (
         settings="lever_plugins.schemas.seps_retrieval:Blip2SepsSettings",
         recipe_block="model",
         model_types=("tiny", "pretrain"),
+        describe="lever_plugins.schemas.seps_retrieval:describe_plan",
     ),
     PluginSpec(
         kind="dataset",
@@ -161,22 +195,136 @@ PLUGINS: tuple[PluginSpec, ...] = (
         settings="lever_plugins.schemas.icl:IclSelectionRunSettings",
         recipe_block="run",
         cross_check="lever_plugins.icl.plan:cross_block_problems",
+        describe="lever_plugins.icl.plan:describe_icl_plan",
     ),
 )
 
 
+# ---------------------------------------------------------------------------------- plugin packages
+_external: Optional[tuple[PluginSpec, ...]] = None
+_load_errors: list[str] = []
+
+
+def _entry_point_label(entry_point) -> str:
+    dist = getattr(entry_point, "dist", None)
+    package = f"{dist.name} {dist.version}" if dist is not None else "an unknown distribution"
+    return f"{package}, entry point {entry_point.name} = {entry_point.value}"
+
+
+def _row_problems(spec: PluginSpec, taken: dict) -> list[str]:
+    """Why a plugin package's row cannot be used (empty: it can)."""
+    problems = []
+    if spec.kind not in KINDS:
+        problems.append(f"kind {spec.kind!r} is not one of {', '.join(KINDS)}")
+    if not isinstance(spec.name, str) or not spec.name:
+        problems.append("name must be a non-empty string")
+    elif spec.name.startswith("lever_"):
+        problems.append("the prefix 'lever_' is reserved for lever-plugins' own plugins")
+    elif (spec.kind, spec.name) in taken:
+        problems.append(f"{spec.kind} name {spec.name!r} is already taken by {taken[(spec.kind, spec.name)]}")
+    for label, value in (("target", spec.target), ("settings", spec.settings), ("cross_check", spec.cross_check)):
+        if value is not None and (not isinstance(value, str) or value.count(":") != 1):
+            problems.append(f"{label} must be 'module:attribute', got {value!r}")
+    if spec.target is None:
+        problems.append("target is required")
+    if spec.model_types or spec.kind == "dataset":
+        root = spec.config_root
+        if root is None or not os.path.isabs(root):
+            if spec.model_types:
+                problems.append("config_root must be the absolute path of the folder holding models/<arch>_<model_type>.yaml")
+            elif root is not None:
+                problems.append(f"config_root must be an absolute path, got {root!r}")
+        else:
+            for model_type in spec.model_types:
+                preset = os.path.join(root, "models", f"{spec.name}_{model_type}.yaml")
+                if not os.path.isfile(preset):
+                    problems.append(f"model_type {model_type!r}: preset not found: {preset}")
+    return problems
+
+
+def _load_external() -> tuple[tuple[PluginSpec, ...], list[str]]:
+    from importlib import metadata
+
+    rows: list[PluginSpec] = []
+    errors: list[str] = []
+    taken = {(p.kind, p.name): "lever-plugins itself" for p in PLUGINS}
+    try:
+        entry_points = metadata.entry_points(group=ENTRY_POINT_GROUP)
+    except Exception as exc:  # a malformed entry_points.txt somewhere on sys.path
+        return (), [f"plugin packages: cannot read entry points of group {ENTRY_POINT_GROUP} ({type(exc).__name__}: {exc})"]
+    seen = set()
+    for entry_point in sorted(entry_points, key=lambda ep: (getattr(ep.dist, "name", "") or "", ep.name)):
+        label = _entry_point_label(entry_point)
+        if label in seen:  # the same distribution found twice on sys.path
+            continue
+        seen.add(label)
+        try:
+            value = entry_point.load()
+            if callable(value) and not isinstance(value, (list, tuple)):
+                value = value()
+        except Exception as exc:
+            errors.append(f"plugin package {label}: cannot load it ({type(exc).__name__}: {exc})")
+            continue
+        if not isinstance(value, (list, tuple)) or not all(isinstance(row, PluginSpec) for row in value):
+            got = type(value).__name__ if not isinstance(value, (list, tuple)) else (
+                "a list holding " + ", ".join(sorted({type(r).__name__ for r in value if not isinstance(r, PluginSpec)})))
+            errors.append(f"plugin package {label}: expected a list of lever_plugins.catalog.PluginSpec "
+                          f"(or a function returning one), got {got}")
+            continue
+        for row in value:
+            problems = _row_problems(row, taken)
+            if problems:
+                errors.append(f"plugin package {label}: {row.kind} {row.name!r} skipped: {'; '.join(problems)}")
+                continue
+            row = replace(row, origin=label)
+            taken[(row.kind, row.name)] = label
+            rows.append(row)
+    return tuple(rows), errors
+
+
+def external_plugins() -> tuple[PluginSpec, ...]:
+    """Rows from installed plugin packages (entry points, loaded once; nothing imports torch or LAVIS)."""
+    global _external
+    if _external is None:
+        _external, errors = _load_external()
+        _load_errors[:] = errors
+    return _external
+
+
+def plugin_load_errors() -> list[str]:
+    """One line per plugin package entry point or row that could not be used."""
+    external_plugins()
+    return list(_load_errors)
+
+
+def reload_external_plugins() -> tuple[PluginSpec, ...]:
+    """Forget the loaded plugin packages and read the entry points again (after installing one)."""
+    global _external
+    _external = None
+    return external_plugins()
+
+
+def all_plugins() -> tuple[PluginSpec, ...]:
+    """Ours, then the plugin packages'."""
+    return PLUGINS + external_plugins()
+
+
 def plugins(kind: Optional[str] = None) -> list[PluginSpec]:
-    return [p for p in PLUGINS if kind is None or p.kind == kind]
+    return [p for p in all_plugins() if kind is None or p.kind == kind]
 
 
 def get_plugin(kind: str, name: str, *, where: str = "") -> PluginSpec:
     """The spec of ``name``; a :class:`RecipeError` with the known names and a did-you-mean otherwise."""
+    for spec in PLUGINS:  # ours first: a built-in name never reads the entry points
+        if spec.kind == kind and spec.name == name:
+            return spec
     known = [p.name for p in plugins(kind)]
     for spec in plugins(kind):
         if spec.name == name:
             return spec
     location = f"{where}: " if where else ""
-    raise RecipeError([f"{location}unknown {kind} {name!r}{suggest(name, known)}; known: {', '.join(known)}"])
+    raise RecipeError([f"{location}unknown {kind} {name!r}{suggest(name, known)}; known: {', '.join(known)}",
+                       *plugin_load_errors()])
 
 
 def model_config_path(arch: str, model_type: str) -> str:
@@ -193,9 +341,9 @@ def model_config_path(arch: str, model_type: str) -> str:
 def preset_config_paths(arch: str) -> dict[str, str]:
     """``{model_type: absolute YAML path}`` for a model's LAVIS ``PRETRAINED_MODEL_CONFIG_DICT``."""
     spec = get_plugin("model", arch)
-    return {name: os.path.join(CONFIG_ROOT, "models", f"{arch}_{name}.yaml") for name in spec.model_types}
+    return {name: os.path.join(spec.presets_root, "models", f"{arch}_{name}.yaml") for name in spec.model_types}
 
 
 def dataset_config_path(name: str) -> str:
-    get_plugin("dataset", name, where=f"datasets.{name}")
-    return os.path.join(CONFIG_ROOT, "datasets", f"{name}.yaml")
+    spec = get_plugin("dataset", name, where=f"datasets.{name}")
+    return os.path.join(spec.presets_root, "datasets", f"{name}.yaml")

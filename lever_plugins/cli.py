@@ -90,16 +90,30 @@ def recipe_reference_markdown() -> str:
 @click.option("--keys/--no-keys", default=True, help="show the recipe keys each plugin reads")
 @click.option("--markdown", is_flag=True, help="print the recipe reference as Markdown (docs/recipes.md)")
 def list_plugins(keys: bool, markdown: bool) -> None:
-    """List every registered plugin: kind, name, class, purpose and recipe keys."""
+    """List every registered plugin: kind, name, class, purpose and recipe keys.
+
+    Plugin packages (entry-point group lever_plugins.plugins) are listed after ours; one that cannot
+    be loaded is named on stderr and the exit code is 1.
+    """
     if markdown:
         click.echo(recipe_reference_markdown(), nl=False)
         return
-    for spec in catalog.PLUGINS:
+    broken: list[str] = []
+    for spec in catalog.all_plugins():
         click.echo(f"{spec.kind:<12} {spec.name:<26} {spec.target}")
         click.echo(f"{'':<12} {spec.purpose}")
+        if spec.origin:
+            click.echo(f"{'':<12} from plugin package {spec.origin}")
         if spec.model_types:
             click.echo(f"{'':<12} model_type: {' | '.join(spec.model_types)}")
-        cls = spec.settings_class()
+        try:
+            cls = spec.settings_class()
+        except Exception as exc:
+            if not spec.origin:
+                raise
+            broken.append(f"plugin package {spec.origin}: {spec.kind} {spec.name!r}: settings {spec.settings} "
+                          f"do not import ({type(exc).__name__}: {exc})")
+            cls = None
         if keys and cls is not None:
             click.echo(f"{'':<12} reads {spec.recipe_block}:")
             for key, type_name, default, help_text in describe(cls):
@@ -107,6 +121,11 @@ def list_plugins(keys: bool, markdown: bool) -> None:
         elif spec.recipe_block:
             click.echo(f"{'':<12} selected by {spec.recipe_block}")
         click.echo("")
+    errors = catalog.plugin_load_errors() + broken
+    for line in errors:
+        click.echo(f"error: {line}", err=True)
+    if errors:
+        sys.exit(1)
 
 
 @main.command()
@@ -233,7 +252,8 @@ def convert_weights(src: str, out: str, temp: float, vision_heads: Optional[int]
 @click.option("--debug", is_flag=True, help="show tracebacks")
 def gate_maps(run_dir: str, checkpoint: Optional[str], split: str, num_queries: int, out_dir: Optional[str], debug: bool) -> None:
     """Save per-patch gate heat-maps of a trained gated-fusion run over its reference images."""
-    from lever_plugins.launch import LaunchError, save_gate_maps_for_run
+    from lever_plugins.launch import LaunchError
+    from lever_plugins.tasks.gate_maps import save_gate_maps_for_run
 
     try:
         paths = save_gate_maps_for_run(run_dir, checkpoint=checkpoint, split=split, num_queries=num_queries, out_dir=out_dir)

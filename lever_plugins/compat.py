@@ -16,7 +16,7 @@ import sys
 import warnings
 from types import ModuleType
 
-_MOVED_HELPERS = ("apply_chunking_to_forward", "find_pruneable_heads_and_indices", "prune_linear_layer")
+from lever_plugins._startup import MOVED_HELPERS as _MOVED_HELPERS, add_moved_helpers  # noqa: F401
 
 
 class LavisUnavailable(ImportError):
@@ -24,19 +24,15 @@ class LavisUnavailable(ImportError):
 
 
 def install_transformers_shim() -> list[str]:
-    """Re-expose helpers LAVIS expects in ``transformers.modeling_utils``; returns the names added."""
+    """Re-expose helpers LAVIS expects in ``transformers.modeling_utils``; returns the names added.
+
+    The startup hook (``lever_plugins/_startup.py``, installed as a ``.pth``) does the same lazily,
+    whatever the import order; this eager version covers ``LEVER_PLUGINS_NO_STARTUP_HOOK=1`` and
+    installs without the hook.
+    """
     import transformers.modeling_utils as modeling_utils
 
-    try:
-        import transformers.pytorch_utils as pytorch_utils
-    except ImportError:  # transformers < 4.20 keeps them in modeling_utils
-        return []
-    added = []
-    for name in _MOVED_HELPERS:
-        if not hasattr(modeling_utils, name) and hasattr(pytorch_utils, name):
-            setattr(modeling_utils, name, getattr(pytorch_utils, name))
-            added.append(name)
-    return added
+    return add_moved_helpers(modeling_utils)
 
 
 def import_lavis() -> ModuleType:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata as metadata
+import os
 import platform
 import sys
 import time
@@ -72,6 +73,23 @@ def report(echo: Callable[[str], None] = print) -> bool:
     except Exception as exc:  # pragma: no cover - reported, not raised
         echo(f"  torch does not import: {exc}")
         ok = False
+    from lever_plugins import _startup, catalog
+
+    if _startup.installed():
+        echo("  startup hook: active (lever_plugins_startup.pth): `import lever_plugins.registry` may go anywhere "
+             "among a LAVIS train.py's imports")
+    else:
+        why = (f"{_startup.DISABLE_ENV} is set" if os.environ.get(_startup.DISABLE_ENV, "").strip() not in ("", "0")
+               else "lever_plugins_startup.pth is not in site-packages")
+        echo(f"  startup hook: off ({why}): in a LAVIS train.py, `import lever_plugins.registry` must come before "
+             "the first lavis import on transformers >= 4.56; fix: pip install -e . (setuptools >= 64) or pip install .")
+    external = catalog.external_plugins()
+    if external:
+        packages = sorted({spec.origin.split(",")[0] for spec in external})
+        echo(f"  plugin packages: {len(external)} plugins from {', '.join(packages)}")
+    for line in catalog.plugin_load_errors():
+        ok = False
+        echo(f"  BROKEN   {line}")
     start = time.time()
     try:
         from lever_plugins.compat import import_lavis, install_transformers_shim
@@ -79,6 +97,7 @@ def report(echo: Callable[[str], None] = print) -> bool:
         added = install_transformers_shim()
         import_lavis()
         importlib.import_module("lever_plugins.registry")
+        added = list(dict.fromkeys(added + _startup.ADDED))
         shim = f"shim re-exposed {', '.join(added)}" if added else "no shim needed"
         echo(f"  LAVIS imports ({time.time() - start:.1f} s; {shim}); lever_plugins.registry registered all plugins")
     except Exception as exc:

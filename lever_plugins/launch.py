@@ -235,80 +235,17 @@ def _spawn_multinode(resolved: ResolvedRecipe, *, nproc: int, nodes: Nodes, resu
 
 
 def describe_plan(resolved: ResolvedRecipe) -> str:
-    """What each plugin attaches where, with parameter counts (nothing is built)."""
-    from lever_plugins.schemas.gated_fusion import gated_fusion_parameter_count
+    """What each plugin attaches where, with parameter counts (nothing is built): the header, then every
+    plugin the recipe names (its model, task and datasets) that has a ``describe`` hook in the catalog."""
+    from lever_plugins import catalog
 
-    model = resolved.data["model"]
-    lines = [f"# plan: model {model['arch']} ({model['model_type']}), task {resolved.data['run']['task']}, "
-             f"runner {resolved.data['run']['runner']}"]
-    if model["arch"] == "lever_blip2_cir":
-        vision_width = model["vision"]["width"]
-        text_width = model["qformer"]["hidden_size"]
-        if model["use_gated_fusion"]:
-            count = gated_fusion_parameter_count(vision_width, text_width)
-            lines.append(
-                f"#   gated_fusion: GatedFusionModule(hidden_size={vision_width}, text_width={text_width}, "
-                f"num_heads={model['gated_fusion']['num_heads']}) on the reference-image tokens (after ln_vision, "
-                f"before the Q-Former fusion pass), training and retrieval alike: {count:,} parameters"
-            )
-        else:
-            lines.append("#   gated_fusion: off (use_gated_fusion: false) - the SPRC baseline")
-    if model["arch"] == "lever_pointer_selector":
-        from lever_plugins.icl.plan import describe_icl_plan
-
-        lines.extend(describe_icl_plan(resolved.data))
-    if model["arch"] == "lever_blip2_seps":
-        lines.extend(_describe_seps(model))
-    for name, block in resolved.data["datasets"].items():
+    data = resolved.data
+    model, run = data["model"], data["run"]
+    lines = [f"# plan: model {model['arch']} ({model['model_type']}), task {run['task']}, runner {run['runner']}"]
+    named = [("model", model["arch"]), ("task", run["task"]), *(("dataset", name) for name in data["datasets"])]
+    for kind, name in named:
+        lines.extend(catalog.get_plugin(kind, name).plan_lines(data))  # validated: every name is known
+    for name, block in data["datasets"].items():
         lines.append(f"#   dataset {name}: root {block.get('root')} splits {block.get('splits')}")
     lines.append(f"#   outputs: {resolved.output_dir()}")
     return "\n".join(lines)
-
-
-def _describe_seps(model: dict) -> list[str]:
-    """Plan lines of ``lever_blip2_seps``: where the head sits, its sizes and parameter count."""
-    from lever_plugins.schemas.seps import SepsHeadSettings, seps_head_parameter_count
-
-    head = SepsHeadSettings(**model["seps_head"])
-    loss = model["seps_loss"]
-    vision_width, text_width, size = model["vision"]["width"], model["qformer"]["hidden_size"], head.embed_size
-    projections = (vision_width * size + size) + (text_width * size + size)
-    head_count = seps_head_parameter_count(head)
-    return [
-        f"#   seps_head: CrossSparseAggrNet(embed_size={size}, num_patches={head.num_patches}, has_cls={head.has_cls}, "
-        f"sparse_ratio={head.sparse_ratio}, aggr_ratio={head.aggr_ratio}: keeps {head.num_keep} patches per pair, "
-        f"{head.num_aggregated} aggregated tokens) on ln_vision(ViT) tokens -> Linear({vision_width}, {size}) and "
-        f"Q-Former text-pass word tokens -> Linear({text_width}, {size}); dense captions (one per image) through the "
-        f"same text pass: {head_count + projections:,} parameters (head {head_count:,} + projections {projections:,})",
-        f"#   loss: SEPSLoss(margin={loss['margin']}, target_ratio={loss['target_ratio']}, ratio_weight={loss['ratio_weight']}) "
-        f"+ {model['loss_itc_weight']} x BLIP-2 ITC; backbone lr x {model['backbone_lr_scale']}",
-    ]
-
-
-def save_gate_maps_for_run(
-    run_dir: str, *, checkpoint: Optional[str] = None, split: str = "val", num_queries: int = 8,
-    out_dir: Optional[str] = None,
-) -> list:
-    """Gate maps of a trained gated-fusion run: its recipe's model with the checkpoint loaded strictly."""
-    from lever_plugins.recipes import load_recipe
-
-    run_dir = os.path.abspath(run_dir)
-    recipe_path = os.path.join(run_dir, RECIPE_FILE)
-    if not os.path.isfile(recipe_path):
-        raise LaunchError(f"{run_dir}: no {RECIPE_FILE}; expected the output dir of a lever-plugins run")
-    resolved = load_recipe(recipe_path)
-    if not resolved.data["model"].get("use_gated_fusion"):
-        raise LaunchError(f"{recipe_path}: model.use_gated_fusion is false; there is no gate to draw")
-    checkpoint = checkpoint or os.path.join(run_dir, "checkpoint_best.pth")
-    if not os.path.isfile(checkpoint):
-        raise LaunchError(f"checkpoint not found: {checkpoint}")
-    import lever_plugins.registry  # noqa: F401
-    from lever_plugins.datasets.builders import build_eval_split
-    from lever_plugins.models.blip2_cir import Blip2CirModel
-    from lever_plugins.tasks.gate_maps import draw_gate_maps
-
-    # the model's own strict loader: every weight present (frozen ones from `pretrained`), none foreign
-    model = Blip2CirModel.from_config({**resolved.data["model"], "finetuned": checkpoint})
-    dataset_name, dataset_block = next(iter(resolved.data["datasets"].items()))
-    dataset = build_eval_split(dataset_name, dataset_block, split)
-    return draw_gate_maps(model, dataset, num_queries, out_dir or os.path.join(run_dir, "gate_maps"))

@@ -344,8 +344,8 @@ def resolve(recipe: Mapping, source: str = "<recipe>", *, check_paths: bool = Fa
                 found = [p for p in found if not p.startswith(f"datasets.{name}.root:")]
             problems.extend(found)
         problems.extend(path_problems(run_settings, "run"))
-    if problems:
-        raise RecipeError(problems, source)
+    if problems:  # (a plugin package's load error is named once, however many unknown names it explains)
+        raise RecipeError(list(dict.fromkeys(problems)), source)
     return ResolvedRecipe(data=data, model=model_settings, datasets=dataset_settings, run=run_settings, source=source)
 
 

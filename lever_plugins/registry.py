@@ -7,8 +7,15 @@ overwritten (all of ours start with ``lever_``).
 
 Also provides :func:`get_class`, a lookup that turns LAVIS's silent ``None`` for an unknown name into
 an error listing the known names with a did-you-mean.
+
+Plugin packages (entry-point group ``lever_plugins.plugins``, see :mod:`lever_plugins.catalog`) are
+registered too. One that cannot be loaded, whose class does not import, or whose name is taken is
+skipped with a :class:`PluginLoadWarning` naming its distribution and entry point (also kept in
+:data:`PLUGIN_ERRORS`); ours and the other packages' plugins are registered regardless.
 """
 from __future__ import annotations
+
+import warnings
 
 from lever_plugins import catalog
 from lever_plugins.compat import lavis_registry
@@ -37,9 +44,16 @@ def _qualified(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+class PluginLoadWarning(UserWarning):
+    """A plugin package's entry point or row could not be registered (the message says which and why)."""
+
+
+PLUGIN_ERRORS: list[str] = []
+
+
 def register_plugin(spec: catalog.PluginSpec) -> type:
     """Register one plugin class under its name (no-op if it is already registered to it)."""
-    if not spec.name.startswith("lever_"):
+    if not spec.origin and not spec.name.startswith("lever_"):
         raise ValueError(f"plugin names must start with 'lever_' (got {spec.name!r})")
     mapping = registry.mapping[_MAPPING_OF_KIND[spec.kind]]
     cls = spec.load()
@@ -54,7 +68,20 @@ def register_plugin(spec: catalog.PluginSpec) -> type:
 
 
 def register_all() -> dict[str, type]:
-    return {spec.name: register_plugin(spec) for spec in catalog.PLUGINS}
+    registered = {spec.name: register_plugin(spec) for spec in catalog.PLUGINS}
+    errors = catalog.plugin_load_errors()
+    for spec in catalog.external_plugins():
+        try:
+            cls = register_plugin(spec)
+        except Exception as exc:  # their class does not import, or the name is LAVIS's / another's
+            errors.append(f"plugin package {spec.origin}: {spec.kind} {spec.name!r} not registered "
+                          f"({type(exc).__name__}: {exc})")
+            continue
+        registered[spec.name] = cls
+    PLUGIN_ERRORS[:] = errors
+    for line in errors:
+        warnings.warn(line, PluginLoadWarning, stacklevel=2)
+    return registered
 
 
 def get_class(kind: str, name: str) -> type:

@@ -11,7 +11,8 @@ What it changes relative to LAVIS 1.0.2's runner (SPEC §8) and why:
   so that ``--resume`` finds them;
 * checkpoints are written atomically and hold model, optimiser, scaler, epoch, best metric and RNG
   states; ``checkpoint_last.pth`` is the resume point, ``checkpoint_best.pth`` is chosen on ``val``;
-* per-epoch metrics go to ``metrics.jsonl`` and ``metrics.csv`` (and TensorBoard when installed);
+* per-epoch metrics go to ``metrics.jsonl`` and ``metrics.csv`` (and to the trackers of ``run.loggers``:
+  TensorBoard when installed by default, wandb, MLflow; :mod:`lever_plugins.runners.trackers`);
   LAVIS's ``log.txt`` is kept for familiarity.
 """
 from __future__ import annotations
@@ -250,6 +251,14 @@ class LeverRunner(RunnerBase):
 
     # ------------------------------------------------------------------------------ loop
     def train(self):
+        try:
+            self._train()
+        except BaseException as exc:
+            self._finish_trackers("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
+        self._finish_trackers("FINISHED")
+
+    def _train(self):
         # From the task's set-up: LAVIS builds datasets (our ICL pipeline embeds and beam-searches there)
         # and the model before the runner exists, and that time belongs to the run.
         start_time = getattr(self.task, "started_at", None) or time.time()
@@ -292,6 +301,8 @@ class LeverRunner(RunnerBase):
                 test_log = self.eval_epoch(split_name=split_name, cur_epoch=test_epoch, skip_reload=test_epoch != "best")
                 if test_log is not None:
                     self._log_metrics({"epoch": test_epoch, "split": split_name, **test_log})
+        if hasattr(self.task, "after_training_all_ranks"):
+            self.task.after_training_all_ranks(self)  # every rank: work shared by them (a sharded evaluation)
         if lever_dist.is_main_process() and hasattr(self.task, "after_training"):
             self.task.after_training(self)
         if lever_dist.is_main_process():
@@ -439,24 +450,34 @@ class LeverRunner(RunnerBase):
         self._write_metric_records(records)
         with open(os.path.join(self.output_dir, "log.txt"), "a", encoding="utf-8") as handle:
             handle.write(json.dumps({f"{record['split']}_{k}": v for k, v in record.items() if k != "split"}) + "\n")
-        self._tensorboard(record)
+        self._trackers_for_run().log(record)  # tensorboard / wandb / mlflow (run.loggers)
         shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
         logger.info("%s", shown)
 
-    def _tensorboard(self, record: dict) -> None:
-        if not isinstance(record.get("epoch"), int):
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except Exception:  # tensorboard not installed: CSV/JSONL only
-            return
-        writer = getattr(self, "_tb_writer", None)
-        if writer is None:
-            writer = self._tb_writer = SummaryWriter(os.path.join(self.output_dir, "tensorboard"))
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and key not in ("epoch", "best_epoch"):
-                writer.add_scalar(f"{record['split']}/{key}", value, record["epoch"])
-        writer.flush()
+    def _trackers_for_run(self):
+        """The trackers of ``run.loggers`` (main process only), started with the resolved recipe as config."""
+        trackers = getattr(self, "_trackers", None)
+        if trackers is None:
+            import yaml
+
+            from lever_plugins.run_dir import PENDING_RECIPE_FILE, RECIPE_FILE
+            from lever_plugins.runners.trackers import start_trackers
+
+            recipe: dict = {}
+            for name in (PENDING_RECIPE_FILE, RECIPE_FILE):  # a resumed run's new recipe waits as pending
+                path = os.path.join(self.output_dir, name)
+                if os.path.isfile(path):
+                    with open(path, encoding="utf-8") as handle:
+                        recipe = yaml.safe_load(handle) or {}
+                    break
+            trackers = self._trackers = start_trackers(str(self.output_dir), recipe, self.run_cfg,
+                                                       resume=bool(self.run_cfg.get("resume", False)))
+        return trackers
+
+    def _finish_trackers(self, status: str) -> None:
+        trackers = getattr(self, "_trackers", None)
+        if trackers is not None:
+            trackers.finish(status)
 
     def log_config(self):
         if not lever_dist.is_main_process():
@@ -474,6 +495,7 @@ class LeverRunner(RunnerBase):
 
         with open(os.path.join(self.output_dir, "log.txt"), "a", encoding="utf-8") as handle:
             handle.write(json.dumps(OmegaConf.to_container(self.config.config, resolve=True), indent=4) + "\n")
+        self._trackers_for_run()  # start wandb / mlflow now: the run and its config appear before epoch 1
 
 
 def _write_jsonl(path: str, records: list[dict]) -> None:

@@ -125,3 +125,20 @@ def cross_block_problems(data: dict) -> list[str]:
     problem = lr_scale_problem("model.gated_fusion_lr_scale", float(model.get("gated_fusion_lr_scale", 1.0)),
                                data["run"].get("lr_sched", "linear_warmup_cosine_lr"))
     return [problem] if problem else []
+
+
+def describe_plan(data: dict) -> list[str]:
+    """``--dry-run`` lines of ``lever_blip2_cir``: the plugin, where it sits and its parameter count."""
+    from lever_plugins.schemas.gated_fusion import gated_fusion_parameter_count
+
+    model = data["model"]
+    if not model["use_gated_fusion"]:
+        return ["#   gated_fusion: off (use_gated_fusion: false) - the SPRC baseline"]
+    vision_width, text_width = model["vision"]["width"], model["qformer"]["hidden_size"]
+    count = gated_fusion_parameter_count(vision_width, text_width)
+    return [
+        f"#   gated_fusion: GatedFusionModule(hidden_size={vision_width}, text_width={text_width}, "
+        f"num_heads={model['gated_fusion']['num_heads']}) on the reference-image tokens (after ln_vision, "
+        f"before the Q-Former fusion pass), training and retrieval alike: {count:,} parameters, "
+        f"lr x {model['gated_fusion_lr_scale']}"
+    ]

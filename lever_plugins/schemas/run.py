@@ -24,6 +24,38 @@ SCHEDULE_KEY_UNION: tuple[str, ...] = tuple(dict.fromkeys(k for keys in SCHEDULE
 SCHEDULES_WITH_LR_SCALE = ("lever_multistep_lr", "lever_onecycle_lr")
 
 
+# ``run.loggers``: each tracker -> (module it needs, pip package that provides it), and the keys only it reads.
+# ``csv`` (metrics.csv + metrics.jsonl + log.txt) is always written: --resume and the run summary read it.
+LOGGER_PACKAGES: dict[str, tuple[str, str]] = {
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "wandb": ("wandb", "wandb"),
+    "mlflow": ("mlflow", "mlflow-skinny"),  # or the full `mlflow`
+}
+LOGGER_KEYS: dict[str, tuple[str, ...]] = {
+    "wandb": ("wandb_project", "wandb_mode"),
+    "mlflow": ("mlflow_tracking_uri", "mlflow_experiment"),
+}
+
+
+def logger_installed(name: str) -> bool:
+    """Whether the package tracker ``name`` needs is importable (looked up, not imported)."""
+    import importlib.util
+
+    if name not in LOGGER_PACKAGES:
+        return True
+    try:
+        return importlib.util.find_spec(LOGGER_PACKAGES[name][0]) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def resolved_loggers(loggers: Optional[list]) -> list[str]:
+    """``run.loggers`` as run: null means csv, plus tensorboard when it is installed (the default)."""
+    if loggers is None:
+        return ["csv"] + (["tensorboard"] if logger_installed("tensorboard") else [])
+    return list(dict.fromkeys(loggers))
+
+
 def lr_scale_problem(key: str, scale: float, lr_sched: str) -> Optional[str]:
     """The problem with a model's per-group lr multiplier ``key`` under ``lr_sched``, or None."""
     if scale == 1.0 or lr_sched in SCHEDULES_WITH_LR_SCALE:
@@ -110,6 +142,27 @@ class RunSettings(Settings):
     resume_ckpt_path: Optional[str] = setting(None, help="checkpoint to start from (weights, optimiser, epoch)", path="file")
     progress_bar: bool = setting(True, help="show tqdm progress bars on the main process")
 
+    # experiment trackers (rank 0 only)
+    loggers: Optional[list[Literal["csv", "tensorboard", "wandb", "mlflow"]]] = setting(
+        None,
+        help="where per-epoch metrics go: csv (metrics.csv + metrics.jsonl + log.txt; always, --resume reads it), "
+        "tensorboard (output_dir/tensorboard), wandb, mlflow; each needs its package installed; null: csv, plus "
+        "tensorboard if installed. wandb and mlflow get the resolved recipe as the run's config",
+    )
+    tracker_run_name: Optional[str] = setting(
+        None, help="wandb / mlflow run name (null: the name of output_dir); read with loggers wandb or mlflow"
+    )
+    wandb_project: str = setting("lever-plugins", help="wandb project (loggers: wandb)")
+    wandb_mode: Literal["offline", "online"] = setting(
+        "offline",
+        help="wandb mode (loggers: wandb): offline writes the run under output_dir/wandb, nothing leaves the machine "
+        "(upload later with `wandb sync`); online streams to the wandb server (needs `wandb login`)",
+    )
+    mlflow_tracking_uri: Optional[str] = setting(
+        None, help="MLflow tracking URI (loggers: mlflow; null: a local file store, file: URI of output_dir/mlruns)"
+    )
+    mlflow_experiment: str = setting("lever-plugins", help="MLflow experiment name (loggers: mlflow)")
+
     # distributed (LAVIS keys)
     distributed: bool = setting(False, help="set automatically under torchrun / --nproc")
     world_size: int = setting(1, help="set automatically under torchrun / --nproc", ge=1)
@@ -123,7 +176,32 @@ class RunSettings(Settings):
         "SPRC's LAVIS and LAPS): N processes x B train like one process x N*B; false: each rank its own batch"
     )
 
+    def logger_problems(self) -> Iterator[str]:
+        loggers = self.loggers
+        if loggers is not None:
+            repeated = sorted({name for name in loggers if loggers.count(name) > 1})
+            if repeated:
+                yield f"loggers: {', '.join(repeated)} listed more than once"
+            if "csv" not in loggers:
+                yield ("loggers: csv is always written (metrics.csv / metrics.jsonl drive --resume and the run "
+                       f"summary); list it too, e.g. [csv, {', '.join(loggers) or 'wandb'}]")
+            for name in dict.fromkeys(loggers):
+                if name in LOGGER_PACKAGES and not logger_installed(name):
+                    package = LOGGER_PACKAGES[name][1]
+                    alternative = " (or mlflow)" if name == "mlflow" else ""
+                    yield (f"loggers: {name} needs the {package} package, which is not installed: "
+                           f"pip install {package}{alternative}")
+        active = set(resolved_loggers(loggers))
+        for name, keys in LOGGER_KEYS.items():
+            if name not in active:
+                for key in keys:
+                    if self.differs_from_default(key):
+                        yield f"{key}: read only with {name} in loggers (loggers: [{', '.join(sorted(active))}])"
+        if self.tracker_run_name is not None and not active & {"wandb", "mlflow"}:
+            yield "tracker_run_name: read only with wandb or mlflow in loggers"
+
     def extra_problems(self) -> Iterator[str]:
+        yield from self.logger_problems()
         if self.num_threads != "auto" and (isinstance(self.num_threads, bool) or self.num_threads < 1):
             yield f"num_threads: expected auto or a number >= 1, got {self.num_threads!r}"
         reads = SCHEDULE_KEYS[self.lr_sched]

@@ -171,3 +171,23 @@ def cross_block_problems(data: dict) -> list[str]:
         )
     return problems
 
+
+def describe_plan(data: dict) -> list[str]:
+    """``--dry-run`` lines of ``lever_blip2_seps``: where the head sits, its sizes and parameter count."""
+    from lever_plugins.schemas.seps import SepsHeadSettings, seps_head_parameter_count
+
+    model = data["model"]
+    head = SepsHeadSettings(**model["seps_head"])
+    loss = model["seps_loss"]
+    vision_width, text_width, size = model["vision"]["width"], model["qformer"]["hidden_size"], head.embed_size
+    projections = (vision_width * size + size) + (text_width * size + size)
+    head_count = seps_head_parameter_count(head)
+    return [
+        f"#   seps_head: CrossSparseAggrNet(embed_size={size}, num_patches={head.num_patches}, has_cls={head.has_cls}, "
+        f"sparse_ratio={head.sparse_ratio}, aggr_ratio={head.aggr_ratio}: keeps {head.num_keep} patches per pair, "
+        f"{head.num_aggregated} aggregated tokens) on ln_vision(ViT) tokens -> Linear({vision_width}, {size}) and "
+        f"Q-Former text-pass word tokens -> Linear({text_width}, {size}); dense captions (one per image) through the "
+        f"same text pass: {head_count + projections:,} parameters (head {head_count:,} + projections {projections:,})",
+        f"#   loss: SEPSLoss(margin={loss['margin']}, target_ratio={loss['target_ratio']}, ratio_weight={loss['ratio_weight']}) "
+        f"+ {model['loss_itc_weight']} x BLIP-2 ITC; backbone lr x {model['backbone_lr_scale']}",
+    ]
