@@ -34,6 +34,12 @@ DEMOS = {
         "datasets.lever_flickr30k.root",
         ("loss", "loss_align", "loss_ratio", "loss_itc", "keep_ratio"),
     ),
+    "icl_pointer": (
+        ["run.beam_search.num_queries=40", "run.beam_search.pool_size=8", "model.K=8", "run.beam_search.beam_size=2",
+         "run.evaluation.num_queries=20", "run.max_epoch=2", "run.progress_bar=false"],
+        "datasets.lever_vqa_icl.root",
+        ("loss", "ce_loss", "ranking_loss"),
+    ),
 }
 
 # metrics.jsonl training records, epoch 0 and 1 (recorded with the commands of this test)
@@ -43,6 +49,10 @@ PINNED = {
          "loss_align": 0.5002172216773033, "gate_alpha": -0.0012858580539614195},
         {"loss": 3.9502506256103516, "loss_itc": 2.76890367269516, "loss_rtc": 2.7699904441833496,
          "loss_align": 0.1833767630159855, "gate_alpha": -0.005748093477450311},
+    ],
+    "icl_pointer": [
+        {"loss": 2.1409027576446533, "ce_loss": 2.085468292236328, "ranking_loss": 0.5543444156646729},
+        {"loss": 2.100478768348694, "ce_loss": 2.04420804977417, "ranking_loss": 0.5627073496580124},
     ],
     "flickr_seps": [
         {"loss": 92.4939079284668, "loss_align": 89.66486930847168, "loss_ratio": 0.01317874900996685,
