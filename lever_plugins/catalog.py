@@ -77,6 +77,17 @@ class PluginSpec:
         module_name, attribute = self.settings.split(":")
         return getattr(importlib.import_module(module_name), attribute)
 
+    def settings_class_or_problem(self) -> tuple[Optional[type], Optional[str]]:
+        """``(settings class, None)``, or for a plugin package whose settings do not import ``(None, why)``
+        (ours must import: their failure is a bug and raises)."""
+        try:
+            return self.settings_class(), None
+        except Exception as exc:
+            if not self.origin:
+                raise
+            return None, (f"plugin package {self.origin}: {self.kind} {self.name!r}: settings {self.settings} "
+                          f"do not import ({type(exc).__name__}: {exc})")
+
 
 PLUGINS: tuple[PluginSpec, ...] = (
     PluginSpec(

@@ -106,14 +106,9 @@ def list_plugins(keys: bool, markdown: bool) -> None:
             click.echo(f"{'':<12} from plugin package {spec.origin}")
         if spec.model_types:
             click.echo(f"{'':<12} model_type: {' | '.join(spec.model_types)}")
-        try:
-            cls = spec.settings_class()
-        except Exception as exc:
-            if not spec.origin:
-                raise
-            broken.append(f"plugin package {spec.origin}: {spec.kind} {spec.name!r}: settings {spec.settings} "
-                          f"do not import ({type(exc).__name__}: {exc})")
-            cls = None
+        cls, problem = spec.settings_class_or_problem()
+        if problem:
+            broken.append(problem)
         if keys and cls is not None:
             click.echo(f"{'':<12} reads {spec.recipe_block}:")
             for key, type_name, default, help_text in describe(cls):

@@ -261,13 +261,9 @@ def resolve_model_block(block: Mapping, problems: list[str]) -> Any:
 
 
 def _settings_block(spec: catalog.PluginSpec, data: Any, path: str, problems: list[str]) -> Any:
-    try:
-        cls = spec.settings_class()
-    except Exception as exc:
-        if not spec.origin:
-            raise
-        problems.append(f"{path}: settings {spec.settings} of plugin package {spec.origin} do not import "
-                        f"({type(exc).__name__}: {exc})")
+    cls, problem = spec.settings_class_or_problem()
+    if problem:
+        problems.append(f"{path}: {problem}")
         return None
     if cls is None:
         return data
