@@ -89,6 +89,33 @@ def test_logged_keep_ratios_are_the_fractions_the_head_actually_keeps(dual, monk
         torch.testing.assert_close(out["keep_ratio"], (sparse.mean() + dense.mean()) / 2)
 
 
+@pytest.mark.parametrize("dual", [True, False])
+def test_logged_keep_ratio_spread_is_the_spread_over_pairs(dual, monkeypatch):
+    torch.manual_seed(0)
+    model = build(loss_itc_weight=0.0, seps_head={"use_dual_aggr": dual}).train()
+    head = model.seps_head
+    with torch.no_grad():  # decisions away from the budget, so the kept fraction varies from pair to pair
+        head.sparse_keep_threshold.fill_(0.02)
+        head.dense_keep_threshold.fill_(-0.03)
+    outputs = []
+    forward = head.forward
+
+    def recording(*args):
+        outputs.append(forward(*args))
+        return outputs[-1]
+
+    monkeypatch.setattr(head, "forward", recording)
+    out = model(batch())
+    mask = outputs[0][1]
+    masks = mask if dual else (mask,)
+    for name, m in zip(("keep_ratio", "keep_ratio_dense"), masks):
+        per_pair = m.detach().mean(dim=-1)  # (B_t, B_v)
+        torch.testing.assert_close(out[name], per_pair.mean())
+        torch.testing.assert_close(out[f"{name}_std"], per_pair.std(correction=0))
+    assert float(out["keep_ratio_std"]) > 0
+    assert ("keep_ratio_dense_std" in out) == dual
+
+
 def test_without_itc_the_itc_branch_gets_no_gradient_and_a_frozen_vit_none_at_all():
     torch.manual_seed(0)
     model = build(loss_itc_weight=0.0, vision={"freeze": True}).train()

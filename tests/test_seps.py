@@ -194,6 +194,44 @@ def test_a_pair_score_does_not_depend_on_the_rest_of_the_batch(paper, dual, trai
     assert torch.allclose(part, full[rows][:, cols], atol=1e-6)
 
 
+@pytest.mark.parametrize("paper, dual", CONFIGS, ids=CONFIG_IDS)
+def test_evaluation_with_extreme_aggregation_logits_equals_the_loop(paper, dual, monkeypatch):
+    """Evaluation normalises ``exp(logit - image max)`` over each pair's kept patches; where every kept logit
+    lies far below the image's largest that underflows, and the exact masked softmax must take over."""
+    head = make_head(paper, dual, pair_chunk_size=8).eval()
+    with torch.no_grad():
+        head.aggregation_scale.fill_(300.0)  # logits spread over hundreds
+    exact_rows = []
+    original = head._masked_softmax
+
+    def recording(logits, keep):
+        exact_rows.append(keep.shape[0])
+        return original(logits, keep)
+
+    monkeypatch.setattr(head, "_masked_softmax", recording)
+    batch = make_batch(6, 9)
+    with torch.no_grad():
+        ours = head(*batch)
+        loop = per_caption_loop_similarity(head, *batch)
+    assert sum(exact_rows) > 0  # the fallback ran
+    assert torch.isfinite(ours).all() and torch.allclose(ours, loop, atol=1e-5)
+    assert torch.allclose(head(*batch), ours, atol=1e-6)  # with gradient (no reused buffers): the same
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("paper, dual", CONFIGS, ids=CONFIG_IDS)
+def test_half_precision_evaluation_is_float32_within_its_rounding(paper, dual, dtype):
+    """Scores, gathers and the aggregation normalisation stay in float64/float32 internally; what differs is
+    the half-precision arithmetic of the rest (and a kept patch flipped by it). Same rounded weights and inputs."""
+    head = make_head(paper, dual).eval().to(dtype).float()
+    batch = [x.to(dtype).float() if x.is_floating_point() else x for x in make_batch()]
+    with torch.no_grad():
+        reference = head(*batch)
+        half = head.to(dtype)(*(x.to(dtype) if x.is_floating_point() else x for x in batch))
+    assert half.dtype == dtype and torch.isfinite(half).all()
+    assert torch.allclose(half.float(), reference, atol=0.05 if dtype == torch.bfloat16 else 0.01)
+
+
 def test_dense_caption_belongs_to_its_image_only():
     head = make_head(True, True).eval()
     img, cap, cap_lens, long_cap, long_lens = make_batch(6, 8)

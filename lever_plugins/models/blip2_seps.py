@@ -278,8 +278,9 @@ class Blip2SepsModel(Blip2PluginModel):
             dict with ``loss`` (back-propagated) and, for logging, ``loss_seps``, ``loss_align``,
             ``loss_ratio``, ``loss_itc``, ``keep_ratio`` (fraction of patches the sparse branch actually
             kept: in training the head keeps the patches its decisions mark; without dual aggregation the
-            mean of both branches), ``keep_ratio_dense`` (dense branch, when dual aggregation) and
-            ``max_violation`` (0/1).
+            mean of both branches), ``keep_ratio_dense`` (dense branch, when dual aggregation),
+            ``keep_ratio_std`` / ``keep_ratio_dense_std`` (spread over the batch's (image, caption) pairs
+            of the fraction each pair kept: population standard deviation) and ``max_violation`` (0/1).
         """
         for key in ("image", "text_input", "dense_text", "image_id"):
             if key not in samples:
@@ -320,11 +321,10 @@ class Blip2SepsModel(Blip2PluginModel):
             loss_itc = self.itc_loss(self._itc_image_features(vit_tokens), captions.itc, image_ids, gather=gather)
             loss = loss + self.settings.loss_itc_weight * loss_itc
             out["loss_itc"] = loss_itc.detach()
-        if isinstance(score_mask, (tuple, list)):
-            out["keep_ratio"] = score_mask[0].detach().float().mean()
-            if len(score_mask) > 1:
-                out["keep_ratio_dense"] = score_mask[1].detach().float().mean()
-        elif score_mask is not None:
-            out["keep_ratio"] = score_mask.detach().float().mean()
+        masks = score_mask if isinstance(score_mask, (tuple, list)) else () if score_mask is None else (score_mask,)
+        for name, mask in zip(("keep_ratio", "keep_ratio_dense"), masks):
+            per_pair = mask.detach().float().mean(dim=-1)  # (B_t, B_v): the fraction each pair kept
+            out[name] = per_pair.mean()
+            out[f"{name}_std"] = per_pair.std(correction=0)
         out["loss"] = loss
         return out

@@ -86,16 +86,21 @@ the whole dense branch) or only on the caption is done once; the per-pair work (
 selection, masked softmax, one batched matmul, similarity) runs over blocks of at most
 ``pair_chunk_size`` pairs, with no Python loop over captions. A pair's score does not depend on the rest
 of the batch: selection scores are computed in float64, so chunking or sub-batching cannot flip a keep
-choice through rounding (Gumbel noise, when on, is drawn per block). Training memory grows with ``B_v *
-B_t`` because autograd keeps every block's intermediates (measured ~190 kB per pair at the defaults:
-+3 GB for a 128 x 128 batch); ``checkpoint_pairs=True`` recomputes each block in the backward pass
-instead (+0.6 GB at 128 x 128, 1.2-1.5x the CPU time).
+choice through rounding (Gumbel noise, when on, is drawn per block). Evaluation with the budget (a fixed
+count per pair) takes a faster route to the same numbers: ``e = exp(logits - max)`` once per image, the
+masked softmax of each pair as ``keep * e / (keep @ e)`` (a pair whose kept sum underflows takes the exact
+masked softmax), the extra token's weights as one more row, so that one batched matmul gives every
+pair's tokens and one more their cosines with the words, in buffers allocated once per forward. Training
+memory grows with ``B_v * B_t`` because autograd keeps every block's intermediates (measured ~250 kB per
+pair at the defaults: +4.2 GB for a 128 x 128 batch); ``checkpoint_pairs=True`` recomputes each block
+in the backward pass instead (+0.6 GB at 128 x 128, 1.2-1.5x the CPU time).
 
 Shapes: ``B_v`` images, ``B_t`` captions, ``N`` patches, ``C`` = ``embed_size``, ``L_s``/``L_d`` words.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -111,9 +116,13 @@ __all__ = ["CrossSparseAggrNet", "SEPSLoss", "ScoreMask"]
 
 KEEP_TEMPERATURE = 0.1
 SCAN_LEAKY_SLOPE = 0.1
+# Evaluation normalises exp(logit - image max) over each pair's kept patches; a pair whose kept sum falls
+# below this (float32 subnormals are 1e13 times smaller) takes the exact masked softmax instead.
+_UNDERFLOW = 1e-25
 # Images (or captions) processed at once by the per-item work (float64 scores, MLPs on every patch),
-# so that its temporaries stay a small multiple of 64 images even when all test images come at once.
-_ITEM_CHUNK = 64
+# so that its temporaries stay small (a few MB: fresh large tensors cost page faults) even when all
+# test images come at once.
+_ITEM_CHUNK = 16
 
 
 def _minmax(x: torch.Tensor) -> torch.Tensor:
@@ -144,18 +153,19 @@ def _mean_direction64(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
-def _cosine64(unit_patches: torch.Tensor, unit_queries: torch.Tensor) -> torch.Tensor:
-    """``(B, N)`` float64 cosine of each image's patches to that image's own query direction.
+def _cosine64(unit_patches: torch.Tensor, *unit_queries: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """``(B, N)`` float64 cosines of each image's patches to each of that image's own query directions.
 
     Args:
-        unit_patches: ``(B, N, C)`` unit-norm patches.
-        unit_queries: ``(B, C)`` unit-norm float64 query per image.
+        unit_patches: ``(B, N, C)`` unit-norm patches (converted to float64 once for all queries).
+        unit_queries: ``(B, C)`` unit-norm float64 queries, one per image each.
     """
+    queries = torch.stack(unit_queries, dim=-1)  # (B, C, Q)
     out = []
     for start in range(0, unit_patches.shape[0], _ITEM_CHUNK):
         block = unit_patches[start : start + _ITEM_CHUNK].double()
-        out.append((block * unit_queries[start : start + _ITEM_CHUNK, None, :]).sum(dim=-1))
-    return torch.cat(out, dim=0)
+        out.append(torch.bmm(block, queries[start : start + _ITEM_CHUNK]))
+    return torch.cat(out, dim=0).unbind(dim=-1)
 
 
 def _per_item(fn: Any, x: torch.Tensor) -> torch.Tensor:
@@ -391,6 +401,8 @@ class CrossSparseAggrNet(nn.Module):
         decide = self.training or self.eval_by_decisions
         image = self._encode_images(img_embs, long_cap_embs, long_cap_lens, decide)
         text = self._encode_captions(cap_embs, cap_lens)
+        if not decide:
+            return self._budget_similarities(image, text)
 
         num_images, num_captions = img_embs.shape[0], cap_embs.shape[0]
         captions_per_block = min(num_captions, self.pair_chunk_size)
@@ -548,10 +560,12 @@ class CrossSparseAggrNet(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.selection_score_grad):
             unit_patches = F.normalize(patches, dim=-1)
             image_direction = F.normalize(_per_item(lambda x: x.double().mean(dim=1), patches), dim=-1)
-            saliency = _cosine64(unit_patches, image_direction)  # s_im, (B_v, N)
             dense_relevance = None
-            if long_cap_embs is not None:
-                dense_relevance = _cosine64(unit_patches, _mean_direction64(long_cap_embs, long_cap_lens))  # s_dt
+            if long_cap_embs is None:
+                (saliency,) = _cosine64(unit_patches, image_direction)  # s_im, (B_v, N)
+            else:  # s_im and s_dt
+                dense_direction = _mean_direction64(long_cap_embs, long_cap_lens)
+                saliency, dense_relevance = _cosine64(unit_patches, image_direction, dense_direction)
 
         beta = self.beta
         if self.use_paper_version:
@@ -604,22 +618,28 @@ class CrossSparseAggrNet(nn.Module):
         )
 
     def _selection_weights(
-        self, score: torch.Tensor, logits: torch.Tensor, keep: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        self, score: torch.Tensor, logits: Optional[torch.Tensor], keep: torch.Tensor
+    ) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
         """Aggregation and extra-token weights over all ``N`` patches (zero where not applicable).
+
+        Every path that chooses kept patches passes its choice through here (tests record ``keep``).
 
         Args:
             score: ``(..., N)`` float64 selection score.
-            logits: ``(..., N_c, N)`` aggregation logits (broadcastable to ``score``'s leading dims).
+            logits: ``(..., N_c, N)`` aggregation logits (broadcastable to ``score``'s leading dims), or
+                None with a bool ``keep`` (the budget path, which builds its aggregation weights itself).
             keep: ``(..., N)`` kept patches: bool (evaluation budget) or 0/1 float decisions.
 
         Returns:
-            ``aggregation (..., N_c, N)``: softmax of the logits over the kept patches;
-            ``extra (..., N)``: softmax of the dropped patches' scores.
+            ``aggregation (..., N_c, N)`` (None when ``logits`` is None): softmax of the logits over the kept
+            patches; ``extra (..., N)``: softmax of the dropped patches' scores (in the logits' dtype, in the
+            score's when ``logits`` is None).
         """
         if keep.dtype == torch.bool:
+            extra = torch.where(keep, float("-inf"), score if logits is None else score.to(logits.dtype)).softmax(-1)
+            if logits is None:  # the budget path gathers its aggregation weights itself
+                return None, extra
             aggregation = torch.where(keep.unsqueeze(-2), logits, float("-inf")).softmax(dim=-1)
-            extra = torch.where(keep, float("-inf"), score.to(logits.dtype)).softmax(dim=-1)
             return aggregation, extra
         keep = keep.to(logits.dtype)
         return _policy_softmax(logits, keep.unsqueeze(-2)), _policy_softmax(score.to(logits.dtype), 1 - keep)
@@ -663,6 +683,124 @@ class CrossSparseAggrNet(nn.Module):
             dense_cosines = torch.einsum("vmc,tlc->vtml", image.dense_tokens[images], words)
             sims = sims + self._similarity(dense_cosines, mask, counts)
         return sims, keep if decide else None
+
+    def _budget_similarities(self, image: _ImageSide, text: _TextSide) -> torch.Tensor:
+        """``(B_v, B_t)`` similarities when every pair keeps its ``num_keep`` best patches (evaluation).
+
+        The computation of :meth:`_score_block` with the budget's top set, arranged for speed (blocks of
+        at most ``pair_chunk_size`` pairs, image-major): the masked softmax of the aggregation logits over
+        each pair's kept patches is ``keep * e / (keep @ e)`` with ``e = exp(logits - max)`` computed once
+        per image, and the extra token's weights ride along as one more row, so all tokens of a block
+        come from one batched matmul ``(T * (N_c + 1), N) @ (N, C)`` per image and all their cosines from
+        one more. Without gradient the block tensors are written into buffers allocated once per forward
+        (fresh multi-MB tensors per block cost more in page faults than the arithmetic). No row mixes two
+        pairs, so a pair's score does not depend on the rest of the batch.
+        """
+        num_images, num_captions = image.patches.shape[0], text.unit_words.shape[0]
+        captions_per_block = min(num_captions, self.pair_chunk_size)
+        images_per_block = max(1, min(num_images, self.pair_chunk_size // captions_per_block))
+        rows, num_patches = image.sparse_logits.shape[1:]
+        width = image.patches.shape[-1]
+        dtype, device = image.patches.dtype, image.patches.device
+        logits = image.sparse_logits
+        # float32 at least, so that the normalisation below neither underflows nor rounds in half precision.
+        exp_logits = logits.float()
+        exp_logits = torch.exp(exp_logits - exp_logits.amax(dim=-1, keepdim=True))  # (B_v, N_c, N)
+        buffers = None
+        if not torch.is_grad_enabled():
+            pairs = images_per_block * captions_per_block
+            buffers = (
+                torch.empty(pairs * (rows + 1) * num_patches, dtype=dtype, device=device),
+                torch.empty(pairs * (rows + 1) * width, dtype=dtype, device=device),
+            )
+        sim_rows = []
+        for v0 in range(0, num_images, images_per_block):
+            images = slice(v0, min(v0 + images_per_block, num_images))
+            sim_blocks = []
+            for t0 in range(0, num_captions, captions_per_block):
+                captions = slice(t0, min(t0 + captions_per_block, num_captions))
+                sim_blocks.append(self._budget_block(image, text, images, captions, exp_logits, buffers))
+            sim_rows.append(torch.cat(sim_blocks, dim=1))
+        return torch.cat(sim_rows, dim=0)
+
+    def _budget_block(
+        self,
+        image: _ImageSide,
+        text: _TextSide,
+        images: slice,
+        captions: slice,
+        exp_logits: torch.Tensor,
+        buffers: Optional[Tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """``(V, T)`` similarities of a block, each pair keeping its ``num_keep`` best-scoring patches."""
+        patches = image.patches[images]  # (V, N, C)
+        words = text.unit_words[captions]  # (T, L, C)
+        num_v, num_patches, width = patches.shape
+        num_t, num_words = words.shape[:2]
+        logits, exp_logits = image.sparse_logits[images], exp_logits[images]  # (V, N_c, N)
+        rows = logits.shape[1]
+        unit64 = image.unit_patches[images].double()
+        directions = text.direction64[captions].expand(num_v, num_t, width)
+        relevance = torch.bmm(directions, unit64.transpose(1, 2))  # (V, T, N) float64
+        if self.use_paper_version:
+            score = image.sparse_base[images, None] + self.beta * _minmax(relevance)
+        else:
+            score = image.sparse_base[images, None] + relevance
+        keep = _top_mask(score, self.num_keep)
+        extra_weights = self._selection_weights(score, None, keep)[1].to(patches.dtype)  # (V, T, N)
+        if image.dense_extra is not None:  # paper Eq. 4: the extra token is the two branches' mean
+            extra_weights = (extra_weights + image.dense_extra[images, None]) / 2
+
+        # Aggregation weights, the softmax of the logits over each pair's kept patches: keep * e / (keep @ e);
+        # row N_c of each pair holds the extra token's weights.
+        keep_f = keep.to(exp_logits.dtype)
+        total = torch.bmm(keep_f, exp_logits.transpose(1, 2))[..., None]  # (V, T, N_c, 1) float32
+        shape = (num_v, num_t, rows + 1, num_patches)
+        if buffers is None:
+            aggregation = (exp_logits[:, None] / total * keep_f[:, :, None, :]).to(patches.dtype)
+            weights = torch.cat([aggregation, extra_weights[:, :, None, :]], dim=2)
+        else:
+            weights = buffers[0][: math.prod(shape)].view(shape)
+            torch.div(exp_logits[:, None], total, out=weights[:, :, :rows]).mul_(keep_f[:, :, None, :])
+            weights[:, :, rows].copy_(extra_weights)
+        # Where every kept logit is far below the image's largest, e underflows: the masked softmax instead.
+        if bool((total < _UNDERFLOW).any()):
+            which = (total < _UNDERFLOW).flatten(2).any(dim=-1).nonzero()  # (pairs, 2): (v, t) in the block
+            exact = self._masked_softmax(logits[which[:, 0]], keep[which[:, 0], which[:, 1]])
+            weights[which[:, 0], which[:, 1], :rows] = exact.to(weights.dtype)
+        if image.dense_aggregation is not None:  # paper Eq. 4: sparse and dense aggregations summed
+            dense = image.dense_aggregation[images, None]
+            if buffers is None:
+                weights = torch.cat([weights[:, :, :rows] + dense, weights[:, :, rows:]], dim=2)
+            else:
+                weights[:, :, :rows].add_(dense)
+        flat = weights.view(num_v, -1, num_patches)
+        if buffers is None:
+            tokens = torch.bmm(flat, patches)
+        else:
+            tokens = torch.bmm(flat, patches, out=buffers[1][: flat.shape[1] * num_v * width].view(num_v, -1, width))
+        tokens = tokens.view(num_v, num_t, rows + 1, width)
+
+        # Cosines with the caption's words, word-major (V, T, L, N_c + 1): dot products over the token norms.
+        # One matmul per image: a broadcast over images would copy the words for every image.
+        cosines = torch.stack([torch.bmm(words, tokens[v].transpose(1, 2)) for v in range(num_v)])
+        cosines = cosines.div_(tokens.norm(dim=-1).clamp_min(1e-12)[:, :, None, :])
+        if image.cls is not None:
+            unit_cls = F.normalize(image.cls[images, 0], dim=-1)  # (V, C)
+            cls_cosines = torch.mm(words.reshape(-1, width), unit_cls.t())  # (T * L, V)
+            cls_cosines = cls_cosines.view(num_t, num_words, num_v).permute(2, 0, 1).unsqueeze(-1)
+            cosines = torch.cat([cls_cosines, cosines], dim=-1)
+        mask, counts = text.word_mask[captions], text.word_counts[captions]
+        sims = self._similarity(cosines.transpose(2, 3), mask, counts)
+        if image.dense_tokens is not None:
+            dense_cosines = torch.einsum("vmc,tlc->vtml", image.dense_tokens[images], words)
+            sims = sims + self._similarity(dense_cosines, mask, counts)
+        return sims
+
+    @staticmethod
+    def _masked_softmax(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """``(P, N_c, N)`` softmax of ``logits (P, N_c, N)`` over the patches ``keep (P, N)`` marks, in float32."""
+        return torch.where(keep[:, None, :], logits.float(), float("-inf")).softmax(dim=-1)
 
     @staticmethod
     def _pair_cosines(weights: torch.Tensor, patches: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
