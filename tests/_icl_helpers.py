@@ -98,21 +98,9 @@ def parity_tokenizer():
     re-assembled without the join between the last demonstration and the query, and with these two
     properties that string has exactly the token count of the real prefix (see the test's docstring).
     """
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from lever_plugins.datasets.demo_vqa import build_demo_tokenizer
 
-    from lever_plugins.datasets.demo_vqa import demo_words
-
-    specials = ["<pad>", "<unk>", "<s>", "</s>"]
-    vocab = {token: i for i, token in enumerate([*specials, "\n", *demo_words()])}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
-        pre_tokenizers.Punctuation(behavior="isolated"),
-        pre_tokenizers.Split(Regex("[A-Z][a-z]*"), behavior="isolated"),
-        pre_tokenizers.Split(Regex("[ \t]+"), behavior="removed"),
-    ])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    return build_demo_tokenizer(add_bos=False, split_capitalised=True)
 
 
 def parity_lm(seed: int = 2024):

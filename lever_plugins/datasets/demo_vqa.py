@@ -110,8 +110,14 @@ def _split(subtype: str, count: int, first_image_id: int, colours: dict[str, str
     )
 
 
-def build_demo_tokenizer():
-    """Word-level ``PreTrainedTokenizerFast`` over :func:`demo_words` (built offline, no download)."""
+def build_demo_tokenizer(*, add_bos: bool = True, split_capitalised: bool = False):
+    """Word-level ``PreTrainedTokenizerFast`` over :func:`demo_words` (built offline, no download).
+
+    Args:
+        add_bos: prepend ``<s>`` to every encoded text (the demo's VLM is trained with it).
+        split_capitalised: a capitalised word is always a token of its own (``"redQuestion"`` -> ``red``,
+            ``Question``), even when nothing separates it from the word before.
+    """
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -119,12 +125,15 @@ def build_demo_tokenizer():
     vocab = {token: i for i, token in enumerate([*specials, "\n", *demo_words()])}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     # Newlines are tokens (they separate demonstrations); spaces only separate words.
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+    splits = [
         pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
         pre_tokenizers.Punctuation(behavior="isolated"),
+        *([pre_tokenizers.Split(Regex("[A-Z][a-z]*"), behavior="isolated")] if split_capitalised else []),
         pre_tokenizers.Split(Regex("[ \t]+"), behavior="removed"),
-    ])
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    ]
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(splits)
+    if add_bos:
+        tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
     )
