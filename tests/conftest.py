@@ -72,3 +72,15 @@ def _seeded():
         return
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture()
+def one_thread():
+    """Torch on one intra-op thread for the test: on tiny tensors more threads only add synchronisation
+    (ruinous on a busy 2-core box). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

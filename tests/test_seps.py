@@ -19,13 +19,7 @@ CONFIG_IDS = [f"{'paper' if p else 'code'}-{'dual' if d else 'single'}" for p, d
 C, N, L_S, L_D = 32, 16, 6, 9
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation (ruinous on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 
 def make_head(paper: bool = True, dual: bool = True, **kwargs) -> CrossSparseAggrNet:

@@ -39,12 +39,7 @@ CAP_LENS = [5, 3, 4, 2]
 DENSE_LENS = [6, 4, 5]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tests/conftest.py)
 
 
 def parity_head(paper: bool, dual: bool, has_cls: bool = True) -> CrossSparseAggrNet:
