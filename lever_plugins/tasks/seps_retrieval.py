@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -43,7 +42,6 @@ from lever_plugins.schema import RecipeError
 from lever_plugins.schemas.run import lr_scale_problem
 from lever_plugins.schemas.seps_retrieval import Blip2SepsSettings, SepsRetrievalRunSettings
 from lever_plugins.tasks.base import LeverTask, model_device, to_plain
-from lever_plugins.io import atomic_output
 
 logger = logging.getLogger(__name__)
 
@@ -302,47 +300,16 @@ def plot_loss_curves(metrics_path: os.PathLike, out_path: os.PathLike, target_ra
     ``rho`` if given), validation ``rsum`` (head and ITC). Written atomically as a PNG; returns its
     path, or None when there is no training record yet.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from lever_plugins.plots import Panel, epoch_records, plot_panels
 
-    records = []
-    with open(metrics_path, encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                records.append(json.loads(line))
-    train = [r for r in records if r.get("split") == "train" and isinstance(r.get("epoch"), int)]
-    val = [r for r in records if r.get("split") == "val" and isinstance(r.get("epoch"), int)]
+    train, val = epoch_records(metrics_path, "train"), epoch_records(metrics_path, "val")
     if not train:
         return None
-    figure = Figure(figsize=(13, 3.4))
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(1, 4)
-
-    def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
-        points = [(r["epoch"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-        return [p[0] for p in points], [p[1] for p in points]
-
-    panels = (
-        (axes[0], train, ("loss", "loss_seps", "loss_align", "loss_itc"), "training losses"),
-        (axes[1], train, ("loss_ratio",), "ratio term"),
-        (axes[2], train, ("keep_ratio", "keep_ratio_dense"), "actual keep ratio"),
-        (axes[3], val, ("rsum", "itc_rsum"), "validation rSum"),
-    )
-    for axis, rows, keys, title in panels:
-        for key in keys:
-            epochs, values = series(rows, key)
-            if epochs:
-                axis.plot(epochs, values, marker="o", markersize=3, label=key)
-        if title in ("training losses", "ratio term") and all(v > 0 for line in axis.lines for v in line.get_ydata()):
-            axis.set_yscale("log")  # the SEPS hinge sum and ITC / the ratio term differ by orders of magnitude
-        if title == "actual keep ratio" and target_ratio is not None:
-            axis.axhline(target_ratio, color="grey", linestyle="--", linewidth=1, label=f"target {target_ratio:g}")
-        axis.set_title(title)
-        axis.set_xlabel("epoch")
-        if axis.lines:
-            axis.legend(fontsize=7)
-    figure.tight_layout()
-    out_path = Path(out_path)
-    with atomic_output(out_path) as tmp_name:
-        figure.savefig(tmp_name, dpi=110, format="png")
-    return out_path
+    target = {f"target {target_ratio:g}": target_ratio} if target_ratio is not None else {}
+    # the SEPS hinge sum and ITC / the ratio term differ by orders of magnitude: log scales when positive
+    return plot_panels([
+        Panel("training losses", train, ("loss", "loss_seps", "loss_align", "loss_itc"), log_scale=True),
+        Panel("ratio term", train, ("loss_ratio",), log_scale=True),
+        Panel("actual keep ratio", train, ("keep_ratio", "keep_ratio_dense"), reference_lines=target),
+        Panel("validation rSum", val, ("rsum", "itc_rsum")),
+    ], out_path)
