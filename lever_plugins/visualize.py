@@ -167,6 +167,16 @@ def _file_stem(name: str) -> str:
     return stem
 
 
+def _distinct_stems(names: Sequence[str], reserved: Optional[str] = None) -> list[str]:
+    """File stems of ``names``; a ValueError if two coincide or one is ``reserved`` (another file's name)."""
+    stems = [_file_stem(n) for n in names]
+    duplicates = sorted({s for s in stems if stems.count(s) > 1} | ({reserved} & set(stems)))
+    if duplicates:
+        other = f" other than {reserved!r}" if reserved else ""
+        raise ValueError(f"names must give distinct file names{other}; repeated: {duplicates}")
+    return stems
+
+
 def _split_images(images: Any) -> list[Any]:
     if isinstance(images, Image.Image):
         return [images]
@@ -214,10 +224,7 @@ def save_gate_heatmaps(
             f"gates ({gate_array.shape[0]}), images ({len(image_list)}) and names ({len(names)}) "
             "must have the same length"
         )
-    stems = [_file_stem(n) for n in names]
-    duplicates = sorted({s for s in stems if stems.count(s) > 1})
-    if duplicates:
-        raise ValueError(f"names must give distinct file names; repeated: {duplicates}")
+    stems = _distinct_stems(names)
 
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
@@ -361,10 +368,7 @@ def save_gate_maps(
     if not len(references) == len(texts) == len(names) == len(targets) == gate_array.shape[0]:
         raise ValueError(f"gates ({gate_array.shape[0]}), references ({len(references)}), texts ({len(texts)}), "
                          f"targets ({len(targets)}) and names ({len(names)}) must have the same length")
-    stems = [_file_stem(n) for n in names]
-    duplicates = sorted({s for s in stems if stems.count(s) > 1} | ({"grid"} & set(stems)))
-    if duplicates:
-        raise ValueError(f"names must give distinct file names other than 'grid'; repeated: {duplicates}")
+    stems = _distinct_stems(names, reserved="grid")
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
     panels, written = [], []
