@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from lever_plugins.compat import import_lavis
-from lever_plugins.models.convert_blip2 import ConversionError, read_checkpoint
+from lever_plugins.checkpoints import (  # noqa: F401  (re-exported for tests and plugin code)
+    BLIP2_UNUSED_KEYS,
+    CheckpointMismatch,
+    load_checked,
+    load_torch_file,
+)
 from lever_plugins.schema import expand_path
 from lever_plugins.schemas.blip2 import QformerSettings, VisionSettings
 
@@ -28,78 +33,6 @@ from lavis.models.eva_vit import VisionTransformer, convert_weights_to_fp16, int
 from transformers import BertTokenizer  # noqa: E402
 
 logger = logging.getLogger(__name__)
-
-
-class CheckpointMismatch(RuntimeError):
-    """A checkpoint lacks weights that the model needs (beyond the keys allowed to be new)."""
-
-
-def load_torch_file(path: str) -> dict:
-    """A LAVIS-layout state dict from a checkpoint file (``weights_only=True``: no pickled code) or a
-    transformers BLIP-2 folder (``config.json`` + safetensors/bin), converted in memory.
-
-    The one checkpoint-loading path of our models; see :func:`lever_plugins.models.convert_blip2.read_checkpoint`.
-    """
-    try:
-        return read_checkpoint(path)
-    except ConversionError as exc:
-        raise CheckpointMismatch(str(exc)) from None
-
-
-def load_checked(
-    module: nn.Module,
-    state_dict: dict,
-    source: str,
-    allowed_missing: Iterable[str] = (),
-    ignored_unexpected: Iterable[str] = (),
-    refuse_unexpected: bool = False,
-) -> tuple[list[str], list[str]]:
-    """``load_state_dict(strict=False)`` that refuses to hide missing weights.
-
-    Args:
-        allowed_missing: key prefixes that may be absent (weights new in this model, e.g. a plugin).
-        ignored_unexpected: key prefixes of the checkpoint this model does not use (e.g. BLIP-2's ITM head).
-        refuse_unexpected: other checkpoint keys the model lacks are an error too (a checkpoint of this
-            model trained with another setting, e.g. with the plugin on), not a warning.
-
-    Returns:
-        ``(missing, unexpected)`` after the allowances; raises :class:`CheckpointMismatch` if any other
-        key is missing (or, with ``refuse_unexpected``, unexpected).
-    """
-    allowed_missing, ignored_unexpected = tuple(allowed_missing), tuple(ignored_unexpected)
-    try:
-        result = module.load_state_dict(state_dict, strict=False)
-    except RuntimeError as exc:  # a weight of another shape: the model settings do not match the checkpoint
-        shapes = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
-        if not shapes:
-            raise
-        raise CheckpointMismatch(f"{source}: {len(shapes)} weights of another shape than this model's (do model.vision / "
-                                 f"model.qformer / embed_dim match the checkpoint?): {'; '.join(shapes[:3])}"
-                                 + (f"; ... (+{len(shapes) - 3} more)" if len(shapes) > 3 else "")) from None
-    missing = [k for k in result.missing_keys if not k.startswith(allowed_missing)]
-    unexpected = [k for k in result.unexpected_keys if not k.startswith(ignored_unexpected)]
-    new_keys = [k for k in result.missing_keys if k.startswith(allowed_missing)]
-    if new_keys:
-        logger.info("%s: %d keys new in this model (not in the checkpoint): %s", source, len(new_keys), _summarise(new_keys))
-    if unexpected:
-        logger.warning("%s: %d unexpected keys ignored: %s", source, len(unexpected), _summarise(unexpected))
-    if missing:
-        raise CheckpointMismatch(f"{source}: {len(missing)} weights missing from the checkpoint: {_summarise(missing)}")
-    if unexpected and refuse_unexpected:
-        raise CheckpointMismatch(f"{source}: {len(unexpected)} checkpoint weights this model does not have "
-                                 f"(trained with other model settings?): {_summarise(unexpected)}")
-    return missing, unexpected
-
-
-# BLIP-2 checkpoint weights our retrieval models do not use: the ITM head and the Q-Former's
-# language-model head (retrieval never generates text; under DDP it would hold weights that never get a
-# gradient).
-BLIP2_UNUSED_KEYS = ("itm_head.", "Qformer.cls.")
-
-
-def _summarise(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def build_tokenizer(settings: QformerSettings) -> BertTokenizer:
