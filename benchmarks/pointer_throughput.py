@@ -88,7 +88,7 @@ def main() -> None:
     predict_done = set()
     for name, model, opts in variants:
         model.to(device)
-        cfg = model.config
+        cfg = model.settings
         query, cands, labels, beam = _data(args.queries, cfg, device, seed=1)
         params = sum(p.numel() for p in model.parameters())
 

@@ -1,4 +1,4 @@
-"""Pointer selectors V1/V2/V3: configs, shapes, masking, teacher forcing, gradients, learning."""
+"""Pointer selectors V1/V2/V3: settings, shapes, masking, teacher forcing, gradients, learning."""
 from __future__ import annotations
 
 import io
@@ -9,15 +9,18 @@ import torch
 import lever_plugins
 from lever_plugins.modules.pointer import (
     PointerSelectorV1,
-    PointerSelectorV1Config,
     PointerSelectorV2,
-    PointerSelectorV2Config,
     PointerSelectorV3,
-    PointerSelectorV3Config,
     build_model_v1,
     build_model_v2,
     build_model_v3,
     mc_dropout_logits,
+)
+from lever_plugins.schema import settings_from
+from lever_plugins.schemas.pointer import (
+    PointerSelectorV1Settings,
+    PointerSelectorV2Settings,
+    PointerSelectorV3Settings,
     pointer_parameter_count,
 )
 
@@ -43,7 +46,7 @@ def _small_models():
 
 
 def _model_id(model):
-    cfg = model.config
+    cfg = model.settings
     return f"{type(model).__name__}-{getattr(cfg, 'ranking_loss_type', cfg.query_update)}"
 
 
@@ -52,7 +55,7 @@ MODELS = _small_models()
 
 def _run(model, query, cands, labels, beam):
     teacher = None
-    if getattr(model.config, "ranking_loss_type", "").startswith("radi"):
+    if getattr(model.settings, "ranking_loss_type", "").startswith("radi"):
         teacher = mc_dropout_logits(build_model_v1(SMALL), query, cands, labels, num_samples=3)
     return model(query, cands, labels, beam_scores=beam, teacher_logits=teacher)
 
@@ -74,18 +77,19 @@ def test_default_parameter_counts():
     assert _count(build_model_v1()) == 131_456 == _formula(768, 128, False)
     assert _count(build_model_v3()) == 131_456
     assert _count(build_model_v2()) == _formula(768, 128, True) == 197_760
-    v2_wide = build_model_v2(PointerSelectorV2Config(hidden_dim=256))
+    v2_wide = build_model_v2(PointerSelectorV2Settings(hidden_dim=256))
     assert _count(v2_wide) == _formula(768, 256, True)
     assert round(_count(v2_wide) / 1e6, 2) == 0.59  # the seed's "0.59 M" holds at hidden 256
 
 
 @pytest.mark.parametrize("model", MODELS, ids=_model_id)
 def test_parameter_count_without_building(model):
-    assert pointer_parameter_count(model.config) == _count(model)
+    settings = model.settings
+    assert pointer_parameter_count(settings.d_model, settings.hidden_dim, settings.model_type) == _count(model)
 
 
 def test_seed_defaults():
-    v1, v2, v3 = PointerSelectorV1Config(), PointerSelectorV2Config(), PointerSelectorV3Config()
+    v1, v2, v3 = PointerSelectorV1Settings(), PointerSelectorV2Settings(), PointerSelectorV3Settings()
     assert (v1.d_model, v1.hidden_dim, v1.K, v1.shot_num) == (768, 128, 32, 6)
     assert (v1.temperature, v1.dropout, v1.label_smoothing) == (0.1, 0.3, 0.2)
     assert (v2.label_smoothing, v2.num_heads, v2.attn_dropout) == (0.1, 4, 0.1)
@@ -97,40 +101,67 @@ def test_lazy_top_level_names():
     assert lever_plugins.build_model_v3 is build_model_v3
 
 
-# ------------------------------------------------------------------ configs
+# ------------------------------------------------------------------ settings
 
 
+@pytest.mark.parametrize("build", ["constructor", "settings_from", "module"])
 @pytest.mark.parametrize(
     "cls, kwargs, key",
     [
-        (PointerSelectorV1Config, {"hidden_dim": 0}, "hidden_dim"),
-        (PointerSelectorV1Config, {"temperature": 0.0}, "temperature"),
-        (PointerSelectorV1Config, {"dropout": 1.0}, "dropout"),
-        (PointerSelectorV1Config, {"label_smoothing": -0.1}, "label_smoothing"),
-        (PointerSelectorV1Config, {"K": 4, "shot_num": 5}, "shot_num"),
-        (PointerSelectorV1Config, {"K": 32.5}, "K"),
-        (PointerSelectorV1Config, {"shot_num": True}, "shot_num"),
-        (PointerSelectorV1Config, {"query_update": "gru"}, "query_update"),
-        (PointerSelectorV2Config, {"hidden_dim": 30, "num_heads": 4}, "num_heads"),
-        (PointerSelectorV2Config, {"attn_dropout": 1.5}, "attn_dropout"),
-        (PointerSelectorV3Config, {"ranking_loss_type": "lambdarank"}, "ranking_loss_type"),
-        (PointerSelectorV3Config, {"ranking_loss_weight": -1.0}, "ranking_loss_weight"),
-        (PointerSelectorV3Config, {"radi_cold_sampling": "uniform"}, "radi_cold_sampling"),
-        (PointerSelectorV3Config, {"radi_hot_k": 33}, "radi_hot_k"),
-        (PointerSelectorV3Config, {"radi_list_loss": "lambdaloss"}, "radi_list_loss"),
+        (PointerSelectorV1Settings, {"hidden_dim": 0}, "hidden_dim"),
+        (PointerSelectorV1Settings, {"temperature": 0.0}, "temperature"),
+        (PointerSelectorV1Settings, {"dropout": 1.0}, "dropout"),
+        (PointerSelectorV1Settings, {"label_smoothing": -0.1}, "label_smoothing"),
+        (PointerSelectorV1Settings, {"K": 4, "shot_num": 5}, "shot_num"),
+        (PointerSelectorV1Settings, {"K": 32.5}, "K"),
+        (PointerSelectorV1Settings, {"shot_num": True}, "shot_num"),
+        (PointerSelectorV1Settings, {"query_update": "gru"}, "query_update"),
+        (PointerSelectorV2Settings, {"hidden_dim": 30, "num_heads": 4}, "num_heads"),
+        (PointerSelectorV2Settings, {"attn_dropout": 1.5}, "attn_dropout"),
+        (PointerSelectorV3Settings, {"ranking_loss_type": "lambdarank"}, "ranking_loss_type"),
+        (PointerSelectorV3Settings, {"ranking_loss_weight": -1.0}, "ranking_loss_weight"),
+        (PointerSelectorV3Settings, {"radi_cold_sampling": "uniform"}, "radi_cold_sampling"),
+        (PointerSelectorV3Settings, {"radi_hot_k": 33}, "radi_hot_k"),
+        (PointerSelectorV3Settings, {"radi_list_loss": "lambdaloss"}, "radi_list_loss"),
     ],
 )
-def test_config_rejects_bad_values(cls, kwargs, key):
-    with pytest.raises(ValueError, match=key):
-        cls(**kwargs)
+def test_settings_reject_bad_values(cls, kwargs, key, build):
+    module = {PointerSelectorV1Settings: PointerSelectorV1, PointerSelectorV2Settings: PointerSelectorV2,
+              PointerSelectorV3Settings: PointerSelectorV3}[cls]
+    make = {"constructor": lambda: cls(**kwargs), "settings_from": lambda: settings_from(cls, kwargs, "model"),
+            "module": lambda: module(kwargs)}[build]
+    # a recipe block names its key path; settings built in Python name their class
+    where = f"{cls.__name__}: (.*; )?{key}: " if build == "constructor" else f"model.{key}: "
+    with pytest.raises(ValueError, match=where):
+        make()
 
 
-def test_builders_check_config_types_and_keys():
-    with pytest.raises(TypeError, match="PointerSelectorV2Config"):
-        build_model_v2(PointerSelectorV1Config())
+def test_builders_check_settings_types_and_keys():
+    with pytest.raises(ValueError, match="PointerSelectorV2Settings"):
+        build_model_v2(PointerSelectorV1Settings())
     with pytest.raises(ValueError, match="hiden_dim"):
         build_model_v1({"hiden_dim": 64})
-    assert build_model_v2({"hidden_dim": 64}).config.hidden_dim == 64
+    assert build_model_v2({"hidden_dim": 64}).settings.hidden_dim == 64
+    settings = PointerSelectorV3Settings(ranking_loss_type="pairwise")
+    assert build_model_v3(settings).settings is settings  # kept, not copied
+    assert build_model_v1().settings == PointerSelectorV1Settings()
+
+
+@pytest.mark.parametrize("model_type", ["v1", "v2", "v3"])
+def test_recipe_block_builds_the_settings_of_its_version(model_type):
+    from dataclasses import fields
+
+    from lever_plugins.schemas.icl import PointerSelectorSettings
+
+    block = PointerSelectorSettings(arch="lever_pointer_selector", model_type=model_type, hidden_dim=64, K=12)
+    selector = block.selector_settings()
+    assert type(selector).model_type == model_type
+    assert {f.name: getattr(selector, f.name) for f in fields(selector)} == {
+        f.name: getattr(block, f.name) for f in fields(selector)
+    }
+    # Every key of the block is read by some version's selector or by the LAVIS model itself.
+    read = {f.name for cls in (PointerSelectorV1Settings, PointerSelectorV2Settings, PointerSelectorV3Settings) for f in fields(cls)}
+    assert {f.name for f in fields(block)} - read == {"arch", "model_type", "teacher_checkpoint", "finetuned"}
 
 
 # ------------------------------------------------------------------ forward / shapes / masking
@@ -321,13 +352,13 @@ def test_v3_radi_pairwise_space_reaches_the_loss():
         out = model(query, cands, labels, teacher_logits=teacher)
         logits, available = out["logits"].reshape(-1, 10), torch.isfinite(out["logits"]).reshape(-1, 10)
         expected = adaptive_pairwise_distillation_loss(logits, teacher.reshape(3, -1, 10), available, margin=0.4,
-                                                       top_k=model.config.radi_hot_k, space=space)
+                                                       top_k=model.settings.radi_hot_k, space=space)
         assert out["ranking_loss"].item() == pytest.approx(expected.item(), rel=1e-6)
         values[space] = out["ranking_loss"].item()
     assert values["logits"] != pytest.approx(values["probs"], rel=1e-3)
-    assert PointerSelectorV3Config().radi_pairwise_space == "logits"
+    assert PointerSelectorV3Settings().radi_pairwise_space == "logits"
     with pytest.raises(ValueError, match="radi_pairwise_space"):
-        PointerSelectorV3Config(radi_pairwise_space="ranks")
+        PointerSelectorV3Settings(radi_pairwise_space="ranks")
 
 
 def test_mc_dropout_logits_shapes_variation_and_mode():
@@ -370,23 +401,50 @@ def test_state_dict_round_trip():
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     buffer.seek(0)
-    clone = PointerSelectorV2(model.config).eval()
+    clone = PointerSelectorV2(model.settings).eval()
     clone.load_state_dict(torch.load(buffer, weights_only=True))
     query, cands, labels, _ = _inputs()
     with torch.no_grad():
         torch.testing.assert_close(model(query, cands, labels)["loss"], clone(query, cands, labels)["loss"])
 
 
+@pytest.mark.lavis
+def test_model_checkpoints_are_read_weights_only_and_loaded_strictly(tmp_path):
+    from lever_plugins.checkpoints import CheckpointMismatch
+    from lever_plugins.models.pointer_selector import PointerSelectorModel
+    from lever_plugins.schema import RecipeError
+
+    block = {"arch": "lever_pointer_selector", "model_type": "v1", **SMALL}
+    model = PointerSelectorModel.from_config(block)
+    run_checkpoint = tmp_path / "checkpoint_best.pth"
+    torch.save({"model": model.state_dict(), "config": {"model": block}, "epoch": 3}, run_checkpoint)
+    again = PointerSelectorModel.from_config({**block, "finetuned": str(run_checkpoint)})
+    assert all(torch.equal(value, again.state_dict()[key]) for key, value in model.state_dict().items())
+
+    partial = tmp_path / "partial.pth"
+    torch.save({k: v for k, v in model.state_dict().items() if not k.startswith("selector.query_proj.")}, partial)
+    with pytest.raises(CheckpointMismatch, match=r"model.finetuned .*partial.pth: 2 weights missing .*selector.query_proj"):
+        PointerSelectorModel.from_config({**block, "finetuned": str(partial)})
+    v2_weights = tmp_path / "v2.pth"
+    torch.save(PointerSelectorModel.from_config({**block, "model_type": "v2", "num_heads": 2}).state_dict(), v2_weights)
+    with pytest.raises(CheckpointMismatch, match=r"v2.pth: \d+ checkpoint weights this model does not have .*selector.cross_attn"):
+        PointerSelectorModel.from_config({**block, "finetuned": str(v2_weights)})
+    with pytest.raises(CheckpointMismatch, match=r"model.finetuned .*absent.pth: checkpoint file not found"):
+        PointerSelectorModel.from_config({**block, "finetuned": str(tmp_path / "absent.pth")})
+
+    student = {**block, "model_type": "v3", "ranking_loss_type": "radi_pairwise"}
+    with pytest.raises(CheckpointMismatch, match=r"model.teacher_checkpoint .*absent.pth: checkpoint file not found"):
+        PointerSelectorModel.from_config({**student, "teacher_checkpoint": str(tmp_path / "absent.pth")})
+    with pytest.raises(RecipeError, match="partial.pth is not a lever_pointer_selector run checkpoint"):
+        PointerSelectorModel.from_config({**student, "teacher_checkpoint": str(partial)})
+    torch.save({"model": torch.load(partial, weights_only=True), "config": {"model": block}}, partial)
+    with pytest.raises(CheckpointMismatch, match=r"model.teacher_checkpoint .*partial.pth: 2 weights missing"):
+        PointerSelectorModel.from_config({**student, "teacher_checkpoint": str(partial)})
+    teacher = PointerSelectorModel.from_config({**student, "teacher_checkpoint": str(run_checkpoint)})._teacher
+    assert all(torch.equal(value, teacher.state_dict()[key]) for key, value in model.selector.state_dict().items())
+
+
 # ------------------------------------------------------------------ learning a planted rule
-
-
-@pytest.fixture
-def one_thread():
-    # Two threads on a busy 2-core machine can make small ops ~50x slower (spin contention).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("cls", [PointerSelectorV1, PointerSelectorV3])
@@ -404,7 +462,7 @@ def test_selector_learns_a_planted_rule(cls, one_thread):
         return query, cands, order, relevance.gather(1, order)
 
     torch.manual_seed(0)
-    model = cls(cls.config_class(d_model=d, hidden_dim=32, K=k, shot_num=steps))
+    model = cls(cls.settings_class(d_model=d, hidden_dim=32, K=k, shot_num=steps))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(250):
         query, cands, labels, rel = batch(64)
@@ -421,3 +479,15 @@ def test_selector_learns_a_planted_rule(cls, one_thread):
     chance = 1 / k
     assert step_top1 > 8 * chance, step_top1  # ~0.75 in practice
     assert first_pick > 8 * chance, first_pick
+
+
+def test_keyword_settings_build_the_same_selector_as_a_mapping():
+    torch.manual_seed(0)
+    by_keys = PointerSelectorV2(d_model=16, hidden_dim=8, num_heads=2)
+    torch.manual_seed(0)
+    by_mapping = build_model_v2({"d_model": 16, "hidden_dim": 8, "num_heads": 2})
+    assert by_keys.settings == by_mapping.settings
+    for (name, a), (_, b) in zip(by_keys.state_dict().items(), by_mapping.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(TypeError, match="not both"):
+        PointerSelectorV2({"d_model": 16}, hidden_dim=8)

@@ -1,15 +1,17 @@
 """``lever_pointer_selector``: the pure-torch pointer selectors V1/V2/V3 as a LAVIS model.
 
 The recipe's ``model:`` block (:class:`~lever_plugins.schemas.icl.PointerSelectorSettings`) is
-validated, turned into the matching ``PointerSelectorV{1,2,3}Config`` and built with
-``build_model_v{1,2,3}``. ``forward(samples)`` takes a batch of
-:class:`~lever_plugins.datasets.vqa_icl.PointerBeamDataset` and returns ``loss`` plus the scalar
+validated; its ``selector_settings()`` (the ``PointerSelectorV{1,2,3}Settings`` of ``model_type``) build
+the selector with ``build_model_v{1,2,3}``. ``forward(samples)`` takes a batch of
+:class:`~lever_plugins.icl.beam_dataset.PointerBeamDataset` and returns ``loss`` plus the scalar
 parts the training loop logs: ``ce_loss``, ``ranking_loss`` (V3) and ``logits_std`` (the spread of
 the available candidates' logits; healthy 0.8-1.5 per the seeds).
 
 RADI losses (V3 ``radi_*``) distil from a trained selector: ``teacher_checkpoint`` is a checkpoint
 of an earlier ``lever_pointer_selector`` run; its own recipe (saved in the checkpoint) rebuilds the
-teacher, which stays frozen and is not part of this model's state dict.
+teacher, which stays frozen and is not part of this model's state dict. Both checkpoints are read
+weights-only and loaded strictly (:mod:`lever_plugins.checkpoints`): a missing or extra weight is an
+error naming the file.
 """
 from __future__ import annotations
 
@@ -19,36 +21,18 @@ from typing import Any, Mapping, Optional
 import torch
 
 from lever_plugins import catalog
+from lever_plugins.checkpoints import load_checked, read_torch_file
 from lever_plugins.compat import import_lavis
-from lever_plugins.modules.pointer import (
-    PointerSelectorV1Config, PointerSelectorV2Config, PointerSelectorV3Config, build_model_v1, build_model_v2,
-    build_model_v3, mc_dropout_logits, pointer_parameter_count,
-)
-from lever_plugins.schema import RecipeError, expand_path
+from lever_plugins.modules.pointer import build_model_v1, build_model_v2, build_model_v3, mc_dropout_logits
+from lever_plugins.schema import RecipeError
 from lever_plugins.schemas.icl import PointerSelectorSettings
+from lever_plugins.schemas.pointer import pointer_parameter_count
 
 import_lavis()
 
 from lavis.models.base_model import BaseModel  # noqa: E402
 
 logger = logging.getLogger(__name__)
-
-_V1_KEYS = ("d_model", "hidden_dim", "K", "shot_num", "temperature", "dropout", "label_smoothing", "query_update")
-_V2_KEYS = ("num_heads", "attn_dropout")
-_V3_KEYS = (
-    "ranking_loss_type", "ranking_loss_weight", "ranking_margin", "radi_pairwise_space", "radi_sinkhorn_epsilon",
-    "radi_sinkhorn_iters", "radi_hot_k", "radi_cold_k", "radi_cold_sampling", "radi_sampling_alpha", "radi_list_loss", "radi_mc_samples",
-)
-
-
-def selector_config(settings: PointerSelectorSettings):
-    """The ``PointerSelectorV{1,2,3}Config`` of a validated ``model:`` block."""
-    values = {key: getattr(settings, key) for key in _V1_KEYS}
-    if settings.model_type == "v2":
-        return PointerSelectorV2Config(**values, **{key: getattr(settings, key) for key in _V2_KEYS})
-    if settings.model_type == "v3":
-        return PointerSelectorV3Config(**values, **{key: getattr(settings, key) for key in _V3_KEYS})
-    return PointerSelectorV1Config(**values)
 
 
 def settings_from_block(block: Mapping) -> PointerSelectorSettings:
@@ -58,10 +42,9 @@ def settings_from_block(block: Mapping) -> PointerSelectorSettings:
     return model_settings_from_config(block)
 
 
-def load_checkpoint_weights(path: str) -> dict:
-    """The model state dict of a runner checkpoint (or a bare state dict), loaded weights-only."""
-    checkpoint = torch.load(expand_path(path), map_location="cpu", weights_only=True)
-    return checkpoint["model"] if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict) else checkpoint
+def _model_state(checkpoint: dict) -> dict:
+    """The model state dict of a runner checkpoint (``{"model": ..., ...}``) or of a bare state dict."""
+    return checkpoint["model"] if isinstance(checkpoint.get("model"), dict) else checkpoint
 
 
 class PointerSelectorModel(BaseModel):
@@ -72,17 +55,16 @@ class PointerSelectorModel(BaseModel):
     def __init__(self, settings: PointerSelectorSettings):
         super().__init__()
         self.settings = settings
-        config = selector_config(settings)
         builder = {"v1": build_model_v1, "v2": build_model_v2, "v3": build_model_v3}[settings.model_type]
-        self.selector = builder(config)
+        self.selector = builder(settings.selector_settings())
         teacher = None
         if settings.model_type == "v3" and settings.ranking_loss_type.startswith("radi_"):
             teacher = self._load_teacher(str(settings.teacher_checkpoint))
         # Not registered as a submodule: frozen, outside the state dict and the optimiser.
         object.__setattr__(self, "_teacher", teacher)
         if settings.finetuned:
-            state = load_checkpoint_weights(settings.finetuned)
-            self.load_state_dict(state)
+            source = f"model.finetuned {settings.finetuned}"
+            load_checked(self, _model_state(read_torch_file(settings.finetuned, source)), source, refuse_unexpected=True)
             logger.info("lever_pointer_selector: weights from %s", settings.finetuned)
 
     @classmethod
@@ -90,8 +72,9 @@ class PointerSelectorModel(BaseModel):
         return cls(settings_from_block(cfg))
 
     def _load_teacher(self, path: str) -> torch.nn.Module:
-        checkpoint = torch.load(expand_path(path), map_location="cpu", weights_only=True)
-        if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
+        source = f"model.teacher_checkpoint {path}"
+        checkpoint = read_torch_file(path, source)
+        if "config" not in checkpoint or "model" not in checkpoint:
             raise RecipeError([f"model.teacher_checkpoint: {path} is not a lever_pointer_selector run checkpoint (no config/model)"])
         block = dict(checkpoint["config"]["model"])
         block.pop("finetuned", None)
@@ -103,14 +86,15 @@ class PointerSelectorModel(BaseModel):
                 raise RecipeError([f"model.teacher_checkpoint: the teacher has {key} = {getattr(teacher_settings, key)}, "
                                    f"this model {getattr(self.settings, key)}"])
         teacher = PointerSelectorModel(teacher_settings)
-        teacher.load_state_dict(checkpoint["model"])
+        load_checked(teacher, checkpoint["model"], source, refuse_unexpected=True)
         for param in teacher.parameters():
             param.requires_grad = False
         logger.info("lever_pointer_selector: RADI teacher %s from %s", teacher_settings.model_type, path)
         return teacher.selector
 
     def parameter_count(self) -> int:
-        return pointer_parameter_count(self.selector.config)
+        settings = self.settings
+        return pointer_parameter_count(settings.d_model, settings.hidden_dim, settings.model_type)
 
     def teacher_logits(self, samples: Mapping[str, torch.Tensor]) -> Optional[torch.Tensor]:
         """``(T, B, S, K)`` MC-dropout logits of the RADI teacher, or None without one."""
@@ -129,6 +113,17 @@ class PointerSelectorModel(BaseModel):
             samples["query_emb"], samples["cand_emb"], samples["labels"], beam_scores=samples.get("beam_scores"),
             return_loss=True, teacher_logits=self.teacher_logits(samples),
         )
+
+    def example_samples(self, batch_size: int = 2, seed: int = 0) -> dict:
+        """A random batch in the layout :meth:`forward` reads (the plugin contract test's input): each
+        query's ``shot_num`` labels are distinct pool indices."""
+        generator = torch.Generator().manual_seed(seed)
+        settings = self.settings
+        labels = torch.stack([torch.randperm(settings.K, generator=generator)[: settings.shot_num]
+                              for _ in range(batch_size)])
+        return {"query_emb": torch.randn(batch_size, settings.d_model, generator=generator),
+                "cand_emb": torch.randn(batch_size, settings.K, settings.d_model, generator=generator),
+                "labels": labels, "beam_scores": torch.rand(batch_size, settings.shot_num, generator=generator)}
 
     def forward(self, samples: Mapping[str, torch.Tensor]) -> dict:
         """Training losses on a batch of beam-search samples.
@@ -149,7 +144,3 @@ class PointerSelectorModel(BaseModel):
     def predict(self, query_emb: torch.Tensor, cand_emb: torch.Tensor, top_k: int = 1):
         """``self.selector.predict``: ``(B, shot_num)`` pool indices and their probabilities."""
         return self.selector.predict(query_emb, cand_emb, top_k=top_k)
-
-    @property
-    def config(self):
-        return self.selector.config

@@ -32,31 +32,27 @@ V3 adds ``ranking_loss_weight * ranking_loss`` (:mod:`lever_plugins.modules.rank
 beam file's ``icds`` (best first, as candidate-pool indices) and ``beam_scores[b]`` the matching
 ``scores`` entries, i.e. ``beam_scores[b, s]`` is the beam score of candidate ``labels[b, s]``.
 
-Parameter counts (``d``: d_model, ``H``: hidden_dim): V1/V3 ``dH + H + 2(H^2 + H)`` = 131,456 at
-d = 768, H = 128; V2 adds ``4H^2 + 4H`` (multi-head attention) + ``2H`` (LayerNorm) = 197,760 at
-H = 128 and 592,128 (the seed's 0.59 M) at H = 256. :func:`pointer_parameter_count` gives them
-without building a model.
+Parameters: 131,456 for V1/V3 at the defaults (d_model 768, hidden 128), 197,760 for V2 (592,128, the
+seed's 0.59 M, at hidden 256); :func:`lever_plugins.schemas.pointer.pointer_parameter_count` has the
+formula and gives them without building a model.
 
-The config dataclasses are plain Python (no tensors built, nothing heavy at construction).
+Settings: ``PointerSelectorV{1,2,3}Settings`` (:mod:`lever_plugins.schemas.pointer`, pure Python). A
+selector keeps its settings as ``self.settings``; it takes them as a settings object, a mapping of
+their keys (checked by :func:`lever_plugins.schema.settings_from`) or ``None`` for the defaults.
 """
 from __future__ import annotations
 
-import dataclasses
-import typing
-from dataclasses import dataclass
-from typing import Any, Dict, Iterator, Literal, Mapping, Optional, Tuple, Type, TypeVar, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lever_plugins.modules import ranking as ranking_losses
-from lever_plugins.schema import Settings, setting
+from lever_plugins.schema import settings_from
+from lever_plugins.schemas.pointer import PointerSelectorV1Settings, PointerSelectorV2Settings, PointerSelectorV3Settings
 
 __all__ = [
-    "PointerSelectorV1Config",
-    "PointerSelectorV2Config",
-    "PointerSelectorV3Config",
     "PointerSelectorV1",
     "PointerSelectorV2",
     "PointerSelectorV3",
@@ -64,152 +60,23 @@ __all__ = [
     "build_model_v2",
     "build_model_v3",
     "mc_dropout_logits",
-    "pointer_parameter_count",
 ]
-
-
-# --------------------------------------------------------------------------------------------
-# Configs
-# --------------------------------------------------------------------------------------------
-
-
-def _type_problems(obj: Any) -> Iterator[str]:
-    """Wrong-type problems for int / float / bool / Literal fields (bounds are checked by Settings)."""
-    hints = typing.get_type_hints(type(obj))
-    for field in dataclasses.fields(obj):
-        kind, value = hints[field.name], getattr(obj, field.name)
-        if typing.get_origin(kind) is Literal:
-            choices = typing.get_args(kind)
-            if value not in choices:
-                yield f"{field.name}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}"
-        elif kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-            yield f"{field.name}: expected an integer, got {type(value).__name__} {value!r}"
-        elif kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            yield f"{field.name}: expected a number, got {type(value).__name__} {value!r}"
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-@dataclass
-class PointerSelectorV1Config(Settings):
-    """Settings of :class:`PointerSelectorV1` (bi-encoder pointer selector)."""
-
-    d_model: int = setting(768, ge=1, help="width of the query / candidate embeddings (e.g. CLIP features)")
-    hidden_dim: int = setting(128, ge=1, help="width after the shared input projection")
-    K: int = setting(32, ge=1, help="candidate pool size per query")
-    shot_num: int = setting(6, ge=1, help="demonstrations selected per query (decoding steps)")
-    temperature: float = setting(0.1, gt=0.0, help="logits = cosine / temperature")
-    dropout: float = setting(0.3, ge=0.0, lt=1.0, help="dropout after query_proj / cand_proj")
-    label_smoothing: float = setting(
-        0.2, ge=0.0, lt=1.0, help="cross-entropy label smoothing over the still-available candidates"
-    )
-    query_update: Literal["none", "additive"] = setting(
-        "none", help="query state across steps: fixed ('none') or query + sum of chosen candidates"
-    )
-
-    def extra_problems(self) -> Iterator[str]:
-        yield from _type_problems(self)
-        if _is_int(self.shot_num) and _is_int(self.K) and self.shot_num > self.K:
-            yield f"shot_num: cannot select {self.shot_num} distinct candidates from K = {self.K}"
-
-
-@dataclass
-class PointerSelectorV2Config(PointerSelectorV1Config):
-    """Settings of :class:`PointerSelectorV2` (V1 + one query-to-candidates cross-attention)."""
-
-    label_smoothing: float = setting(
-        0.1, ge=0.0, lt=1.0, help="cross-entropy label smoothing over the still-available candidates"
-    )
-    num_heads: int = setting(4, ge=1, help="cross-attention heads; must divide hidden_dim")
-    attn_dropout: float = setting(0.1, ge=0.0, lt=1.0, help="dropout on the attention weights")
-
-    def extra_problems(self) -> Iterator[str]:
-        yield from super().extra_problems()
-        if _is_int(self.hidden_dim) and _is_int(self.num_heads) and self.num_heads >= 1:
-            if self.hidden_dim % self.num_heads:
-                yield f"num_heads: {self.num_heads} does not divide hidden_dim = {self.hidden_dim}"
-
-
-@dataclass
-class PointerSelectorV3Config(PointerSelectorV1Config):
-    """Settings of :class:`PointerSelectorV3` (V1 + ranking loss; RADI options)."""
-
-    ranking_loss_type: Literal["listwise", "pairwise", "radi_pairwise", "radi_listwise"] = setting(
-        "listwise", help="listwise (KL to beam-score target), pairwise (hardest negative), or RADI distillation"
-    )
-    ranking_loss_weight: float = setting(0.1, ge=0.0, help="lambda in loss = CE + lambda * ranking loss")
-    ranking_margin: float = setting(
-        1.0, gt=0.0, help="hinge margin: logit units (pairwise); base margin m of radi_pairwise, in radi_pairwise_space units"
-    )
-    radi_pairwise_space: Literal["logits", "probs"] = setting(
-        "logits", help="radi_pairwise: hinge on student logit gaps, or on probability gaps p_s(a_i) - p_s(a_j) (seed 003)"
-    )
-    radi_sinkhorn_epsilon: float = setting(
-        1.0, gt=0.0, help="radi_pairwise: entropic regularisation, relative to the mean pair uncertainty"
-    )
-    radi_sinkhorn_iters: int = setting(50, ge=1, help="radi_pairwise: Sinkhorn iterations")
-    radi_hot_k: int = setting(
-        4, ge=1, help="RADI teacher top-k: the hot list (listwise); the better candidate of every pair (pairwise)"
-    )
-    radi_cold_k: int = setting(8, ge=0, help="radi_listwise: candidates sampled into the cold list")
-    radi_cold_sampling: Literal["exponential", "zipf"] = setting(
-        "exponential", help="radi_listwise: cold-list sampling p_k ∝ exp(-alpha k) or k^-alpha"
-    )
-    radi_sampling_alpha: float = setting(0.5, gt=0.0, help="radi_listwise: alpha of the cold-list sampling")
-    radi_list_loss: Literal["listnet", "listmle"] = setting("listnet", help="radi_listwise: list loss")
-    radi_mc_samples: int = setting(8, ge=1, help="RADI: MC-dropout passes of the teacher (mc_dropout_logits)")
-
-    def extra_problems(self) -> Iterator[str]:
-        yield from super().extra_problems()
-        if _is_int(self.radi_hot_k) and _is_int(self.K) and self.radi_hot_k > self.K:
-            yield f"radi_hot_k: {self.radi_hot_k} is larger than the pool K = {self.K}"
-
-
-def pointer_parameter_count(config: PointerSelectorV1Config) -> int:
-    """Trainable parameters of the model ``config`` builds, without building it."""
-    d, h = config.d_model, config.hidden_dim
-    count = d * h + h + 2 * (h * h + h)
-    if isinstance(config, PointerSelectorV2Config):
-        count += 4 * h * h + 4 * h + 2 * h
-    return count
-
-
-# --------------------------------------------------------------------------------------------
-# Models
-# --------------------------------------------------------------------------------------------
-
-ConfigT = TypeVar("ConfigT", bound=PointerSelectorV1Config)
-
-
-def _resolve_config(config: Any, cls: Type[ConfigT]) -> ConfigT:
-    if config is None:
-        return cls()
-    if isinstance(config, cls):
-        return config
-    if isinstance(config, Mapping):
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(config) - names)
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown keys {unknown}; known: {sorted(names)}")
-        return cls(**dict(config))
-    raise TypeError(f"expected a {cls.__name__}, a mapping of its keys or None, got {type(config).__name__}")
 
 
 class PointerSelectorV1(nn.Module):
     """Bi-encoder pointer selector (see the module docstring for the architecture).
 
     Args:
-        config: :class:`PointerSelectorV1Config`, a mapping of its keys, or ``None`` for defaults.
+        settings: :class:`PointerSelectorV1Settings`, a mapping of its keys, or ``None`` for defaults.
     """
 
-    config_class: Type[PointerSelectorV1Config] = PointerSelectorV1Config
+    settings_class: Type[PointerSelectorV1Settings] = PointerSelectorV1Settings
 
-    def __init__(self, config: Union[PointerSelectorV1Config, Mapping[str, Any], None] = None) -> None:
+    def __init__(self, settings: Union[PointerSelectorV1Settings, Mapping[str, Any], None] = None, /,
+                 **keys: Any) -> None:
         super().__init__()
-        self.config = _resolve_config(config, self.config_class)
-        cfg = self.config
+        self.settings = settings_from(self.settings_class, settings, "model", **keys)
+        cfg = self.settings
         self.input_proj = nn.Linear(cfg.d_model, cfg.hidden_dim)
         self.query_proj = nn.Linear(cfg.hidden_dim, cfg.hidden_dim)
         self.cand_proj = nn.Linear(cfg.hidden_dim, cfg.hidden_dim)
@@ -241,7 +108,7 @@ class PointerSelectorV1(nn.Module):
     def _check_inputs(
         self, query_emb: torch.Tensor, cand_emb: torch.Tensor, labels: Optional[torch.Tensor]
     ) -> None:
-        cfg = self.config
+        cfg = self.settings
         if query_emb.dim() != 2 or query_emb.shape[-1] != cfg.d_model:
             raise ValueError(f"query_emb must be (B, d_model={cfg.d_model}), got {tuple(query_emb.shape)}")
         batch = query_emb.shape[0]
@@ -274,7 +141,7 @@ class PointerSelectorV1(nn.Module):
         cand_unit = F.normalize(cands, dim=-1)
         chosen = F.one_hot(labels, k)  # (B, S, K)
         chosen_before = (chosen.cumsum(1) - chosen) > 0
-        if self.config.query_update == "additive":
+        if self.settings.query_update == "additive":
             picked = cands.gather(1, labels.unsqueeze(-1).expand(batch, steps, hidden))
             prefix = torch.cat([torch.zeros_like(picked[:, :1]), picked.cumsum(1)[:, :-1]], dim=1)
             states = F.normalize(query.unsqueeze(1) + prefix, dim=-1)
@@ -282,7 +149,7 @@ class PointerSelectorV1(nn.Module):
         else:
             logits = torch.einsum("bh,bkh->bk", F.normalize(query, dim=-1), cand_unit)
             logits = logits.unsqueeze(1).expand(batch, steps, k)
-        logits = (logits / self.config.temperature).masked_fill(chosen_before, float("-inf"))
+        logits = (logits / self.settings.temperature).masked_fill(chosen_before, float("-inf"))
         return logits, ~chosen_before
 
     def _greedy(
@@ -297,7 +164,7 @@ class PointerSelectorV1(nn.Module):
         """
         batch, k, _ = cands.shape
         cand_unit = F.normalize(cands, dim=-1)
-        additive = self.config.query_update == "additive"
+        additive = self.settings.query_update == "additive"
         state = query
         fixed_logits = None if additive else torch.einsum("bh,bkh->bk", F.normalize(query, dim=-1), cand_unit)
         chosen = torch.zeros(batch, k, dtype=torch.bool, device=cands.device)
@@ -308,7 +175,7 @@ class PointerSelectorV1(nn.Module):
                 raw = torch.einsum("bh,bkh->bk", F.normalize(state, dim=-1), cand_unit)
             else:
                 raw = fixed_logits
-            logits = (raw / self.config.temperature).masked_fill(chosen, float("-inf"))
+            logits = (raw / self.settings.temperature).masked_fill(chosen, float("-inf"))
             step_probs = torch.softmax(logits, dim=-1)
             top_probs, top_idx = step_probs.topk(top_k, dim=-1)
             pick = top_idx[:, 0]
@@ -358,7 +225,7 @@ class PointerSelectorV1(nn.Module):
         self._check_inputs(query_emb, cand_emb, labels)
         query, cands = self.encode(query_emb, cand_emb)
         if labels is None:
-            logits, available, _, _ = self._greedy(query, cands, self.config.shot_num)
+            logits, available, _, _ = self._greedy(query, cands, self.settings.shot_num)
         else:
             labels = labels.long()
             logits, available = self._teacher_forced_logits(query, cands, labels)
@@ -380,7 +247,7 @@ class PointerSelectorV1(nn.Module):
         teacher_logits: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         """``loss`` and its parts from teacher-forced ``logits (B, S, K)``."""
-        ce = ranking_losses.masked_cross_entropy(logits, labels, available, self.config.label_smoothing)
+        ce = ranking_losses.masked_cross_entropy(logits, labels, available, self.settings.label_smoothing)
         return {"loss": ce, "ce_loss": ce}
 
     @torch.no_grad()
@@ -404,7 +271,7 @@ class PointerSelectorV1(nn.Module):
             candidates (column 0 is the greedy pick, equal to the ``top_k == 1`` output), and
             ``scores (B, S, top_k)`` their probabilities (softmax over the available candidates).
         """
-        cfg = self.config
+        cfg = self.settings
         max_top_k = cfg.K - cfg.shot_num + 1
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= max_top_k:
             raise ValueError(f"top_k must be an integer in [1, K - shot_num + 1 = {max_top_k}], got {top_k!r}")
@@ -428,15 +295,16 @@ class PointerSelectorV2(PointerSelectorV1):
     before ``query_proj``. The attention sees the whole pool (it does not change across steps).
 
     Args:
-        config: :class:`PointerSelectorV2Config`, a mapping of its keys, or ``None``.
+        settings: :class:`PointerSelectorV2Settings`, a mapping of its keys, or ``None``.
     """
 
-    config_class = PointerSelectorV2Config
-    config: PointerSelectorV2Config
+    settings_class = PointerSelectorV2Settings
+    settings: PointerSelectorV2Settings
 
-    def __init__(self, config: Union[PointerSelectorV2Config, Mapping[str, Any], None] = None) -> None:
-        super().__init__(config)
-        cfg = self.config
+    def __init__(self, settings: Union[PointerSelectorV2Settings, Mapping[str, Any], None] = None, /,
+                 **keys: Any) -> None:
+        super().__init__(settings, **keys)
+        cfg = self.settings
         self.cross_attn = nn.MultiheadAttention(
             cfg.hidden_dim, cfg.num_heads, dropout=cfg.attn_dropout, batch_first=True
         )
@@ -467,19 +335,20 @@ class PointerSelectorV3(PointerSelectorV1):
     scale; the ICL pipeline standardises them first (``datasets.lever_vqa_icl.beam_score_transform``).
 
     Args:
-        config: :class:`PointerSelectorV3Config`, a mapping of its keys, or ``None``.
+        settings: :class:`PointerSelectorV3Settings`, a mapping of its keys, or ``None``.
         generator: optional RNG for the RADI cold-list sampling, on the device of the inputs.
     """
 
-    config_class = PointerSelectorV3Config
-    config: PointerSelectorV3Config
+    settings_class = PointerSelectorV3Settings
+    settings: PointerSelectorV3Settings
 
     def __init__(
         self,
-        config: Union[PointerSelectorV3Config, Mapping[str, Any], None] = None,
+        settings: Union[PointerSelectorV3Settings, Mapping[str, Any], None] = None, /,
         generator: Optional[torch.Generator] = None,
+        **keys: Any,
     ) -> None:
-        super().__init__(config)
+        super().__init__(settings, **keys)
         self.generator = generator
 
     def compute_losses(
@@ -493,7 +362,7 @@ class PointerSelectorV3(PointerSelectorV1):
         out = super().compute_losses(logits, labels, available)
         rank = self.ranking_loss(logits, labels, available, beam_scores, teacher_logits)
         out["ranking_loss"] = rank
-        out["loss"] = out["ce_loss"] + self.config.ranking_loss_weight * rank
+        out["loss"] = out["ce_loss"] + self.settings.ranking_loss_weight * rank
         return out
 
     def ranking_loss(
@@ -505,7 +374,7 @@ class PointerSelectorV3(PointerSelectorV1):
         teacher_logits: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """The configured ranking loss on teacher-forced ``logits (B, S, K)``."""
-        cfg = self.config
+        cfg = self.settings
         kind = cfg.ranking_loss_type
         if kind == "listwise":
             if beam_scores is None:
@@ -567,7 +436,7 @@ def mc_dropout_logits(
     it run as one batch of ``num_samples * B`` rows. The teacher's mode is restored.
 
     Args:
-        teacher: a trained selector (its config's K / d_model must match the inputs).
+        teacher: a trained selector (its settings' K / d_model must match the inputs).
         query_emb: ``(B, d_model)``.
         cand_emb: ``(B, K, d_model)``.
         labels: ``(B, S)``.
@@ -592,18 +461,18 @@ def mc_dropout_logits(
     return logits.reshape(num_samples, query_emb.shape[0], *logits.shape[1:])
 
 
-def build_model_v1(config: Union[PointerSelectorV1Config, Mapping[str, Any], None] = None) -> PointerSelectorV1:
-    """Build a :class:`PointerSelectorV1` (defaults: d 768, H 128, K 32, 6 shots, 131,456 params)."""
+def build_model_v1(config: Union[PointerSelectorV1Settings, Mapping[str, Any], None] = None) -> PointerSelectorV1:
+    """Build a :class:`PointerSelectorV1` (the seeds' call style; defaults: d 768, H 128, K 32, 6 shots, 131,456 params)."""
     return PointerSelectorV1(config)
 
 
-def build_model_v2(config: Union[PointerSelectorV2Config, Mapping[str, Any], None] = None) -> PointerSelectorV2:
-    """Build a :class:`PointerSelectorV2` (defaults: 4 heads, H 128 -> 197,760 params)."""
+def build_model_v2(config: Union[PointerSelectorV2Settings, Mapping[str, Any], None] = None) -> PointerSelectorV2:
+    """Build a :class:`PointerSelectorV2` (the seeds' call style; defaults: 4 heads, H 128 -> 197,760 params)."""
     return PointerSelectorV2(config)
 
 
 def build_model_v3(
-    config: Union[PointerSelectorV3Config, Mapping[str, Any], None] = None,
+    config: Union[PointerSelectorV3Settings, Mapping[str, Any], None] = None,
     generator: Optional[torch.Generator] = None,
 ) -> PointerSelectorV3:
     """Build a :class:`PointerSelectorV3` (defaults: listwise, lambda 0.1, 131,456 params)."""
