@@ -10,7 +10,9 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from lever_plugins.modules.seps import SCAN_LEAKY_SLOPE, CrossSparseAggrNet, _minmax
+from lever_plugins.modules.seps import CrossSparseAggrNet
+from lever_plugins.modules.seps_selection import minmax
+from lever_plugins.modules.seps_similarity import SCAN_LEAKY_SLOPE
 
 __all__ = ["per_caption_loop_similarity"]
 
@@ -36,7 +38,7 @@ def per_caption_loop_similarity(
     as the public LAPS/SEPS code does.
 
     Args:
-        keep: None = each pair keeps its ``head.num_keep`` best-scoring patches (the head in eval mode);
+        keep: None = each pair keeps its ``head.settings.num_keep`` best-scoring patches (the head in eval mode);
             else ``(D_s, D_d)``, ``(B_t, B_v, N)`` 0/1 masks of the patches each pair keeps in the sparse
             and dense branch (``D_d`` None without dense captions): the head in training mode keeps the
             patches its returned decisions mark.
@@ -45,12 +47,13 @@ def per_caption_loop_similarity(
         ``(B_v, B_t)`` similarities.
     """
     cap_lens, long_cap_lens = head._check_inputs(img_embs, cap_embs, cap_lens, long_cap_embs, long_cap_lens)
-    paper, beta, k = head.use_paper_version, head.beta, head.num_keep
-    cls = img_embs[:, :1] if head.has_cls else None
-    patches = img_embs[:, 1:] if head.has_cls else img_embs
+    s = head.settings
+    paper, beta, k = s.use_paper_version, s.beta, s.num_keep
+    cls = img_embs[:, :1] if s.has_cls else None
+    patches = img_embs[:, 1:] if s.has_cls else img_embs
     num_images, num_patches, width = patches.shape
-    sparse_mlp = head.sparse_aggregation if head.use_dual_aggr else head.aggregation
-    dense_mlp = head.dense_aggregation if head.use_dual_aggr else head.aggregation
+    sparse_mlp = head.sparse_aggregation if s.use_dual_aggr else head.aggregation
+    dense_mlp = head.dense_aggregation if s.use_dual_aggr else head.aggregation
 
     def select_and_aggregate(
         score: torch.Tensor, mlp: nn.Module, mask: Optional[torch.Tensor]
@@ -83,8 +86,8 @@ def per_caption_loop_similarity(
         sims = word_best.mean(dim=1) + token_best.mean(dim=1)
         if paper:
             for best in (word_best, token_best):
-                top = best.sort(dim=1, descending=True).values[:, : head.top_k]
-                top = torch.cat([top, top.new_zeros(num_images, head.top_k - top.shape[1])], dim=1)
+                top = best.sort(dim=1, descending=True).values[:, : s.top_k]
+                top = torch.cat([top, top.new_zeros(num_images, s.top_k - top.shape[1])], dim=1)
                 sims = sims + head.relevance_mlp(top)[:, 0]
         return sims
 
@@ -104,9 +107,9 @@ def per_caption_loop_similarity(
         text_relevance = unit_patches64 @ _unit(words.double().mean(dim=0))
         if paper:
             predicted = torch.sigmoid(head.sparse_score_predictor(patches)[..., 0]).double()
-            sparse_score = (1 - 2 * beta) * predicted + beta * (_minmax(text_relevance) + 2 * _minmax(saliency))
+            sparse_score = (1 - 2 * beta) * predicted + beta * (minmax(text_relevance) + 2 * minmax(saliency))
             if dense_relevance is not None:
-                sparse_score = sparse_score + beta * _minmax(dense_relevance)
+                sparse_score = sparse_score + beta * minmax(dense_relevance)
         else:
             sparse_score = saliency + text_relevance
         sparse_keep = None if keep is None else keep[0][t]
@@ -115,13 +118,13 @@ def per_caption_loop_similarity(
         if dense_relevance is not None:
             if paper:
                 predicted = torch.sigmoid(head.dense_score_predictor(patches)[..., 0]).double()
-                dense_score = (1 - 2 * beta) * predicted + 2 * beta * (_minmax(dense_relevance) + _minmax(saliency))
+                dense_score = (1 - 2 * beta) * predicted + 2 * beta * (minmax(dense_relevance) + minmax(saliency))
             else:
                 dense_score = saliency + dense_relevance
             dense = select_and_aggregate(dense_score, dense_mlp, None if keep is None else keep[1][t])
         unit_words = _unit(words)
         prefix = [cls] if cls is not None else []
-        if dense is not None and head.use_dual_aggr:
+        if dense is not None and s.use_dual_aggr:
             tokens = torch.cat(prefix + [aggregated + dense[0], (extra + dense[1]) / 2], dim=1)
             sims = similarity(tokens, unit_words)
         else:

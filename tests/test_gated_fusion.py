@@ -282,21 +282,26 @@ def test_settings_reject_bad_values(kwargs, message):
         GatedFusionSettings(**kwargs)
 
 
-def test_from_settings_reads_every_key():
+def test_settings_reads_every_key():
     settings = GatedFusionSettings(num_heads=4, dropout=0.25, alpha_init=0.125)
-    module = GatedFusionModule.from_settings(settings, hidden_size=32, text_width=24)
-    assert (module.num_heads, module.dropout, module.alpha.item()) == (4, 0.25, 0.125)
-    assert (module.hidden_size, module.text_width) == (32, 24)
-    # a mapping (recipe block) works the same way
-    same = GatedFusionModule.from_settings({"num_heads": 4, "dropout": 0.25, "alpha_init": 0.125}, 32, 24)
+    module = GatedFusionModule(32, 24, settings)
+    assert module.settings is settings
+    assert (module.settings.num_heads, module.settings.dropout, module.alpha.item()) == (4, 0.25, 0.125)
+    assert (module.hidden_size, module.text_width, module.head_dim) == (32, 24, 8)
+    # a mapping (recipe block) and keyword settings work the same way
+    same = GatedFusionModule(32, 24, {"num_heads": 4, "dropout": 0.25, "alpha_init": 0.125})
     assert same.extra_repr() == module.extra_repr()
-    defaults = GatedFusionModule.from_settings(None, 1408, 768)
-    assert (defaults.num_heads, defaults.dropout, defaults.alpha.item()) == (8, 0.0, 0.0)
+    keywords = GatedFusionModule(32, text_width=24, num_heads=4, dropout=0.25, alpha_init=0.125)
+    assert keywords.extra_repr() == module.extra_repr()
+    defaults = GatedFusionModule(1408, 768, None)
+    assert (defaults.settings.num_heads, defaults.settings.dropout, defaults.alpha.item()) == (8, 0.0, 0.0)
+    with pytest.raises(TypeError, match="not both"):
+        GatedFusionModule(32, 24, settings, num_heads=4)
 
 
-def test_from_settings_reports_every_problem_in_a_mapping():
+def test_settings_report_every_problem_in_a_mapping():
     with pytest.raises(ValueError) as info:
-        GatedFusionModule.from_settings({"num_head": 8, "dropout": 2.0, "alpha_init": "zero"}, 32, 24)
+        GatedFusionModule(32, 24, {"num_head": 8, "dropout": 2.0, "alpha_init": "zero"})
     text = str(info.value)
     assert "gated_fusion.num_head: unknown key (did you mean 'num_heads'?)" in text
     assert "gated_fusion.dropout: must be < 1.0, got 2.0" in text
@@ -305,7 +310,7 @@ def test_from_settings_reports_every_problem_in_a_mapping():
 
 def test_num_heads_must_divide_the_vision_width():
     with pytest.raises(ValueError, match="num_heads=12 must divide hidden_size=1408"):
-        GatedFusionModule.from_settings(GatedFusionSettings(num_heads=12), hidden_size=1408, text_width=768)
+        GatedFusionModule(1408, 768, GatedFusionSettings(num_heads=12))
     assert GatedFusionModule(768, num_heads=12).head_dim == 64  # fine at the text width
 
 
@@ -314,8 +319,8 @@ def test_num_heads_must_divide_the_vision_width():
     [
         ({"hidden_size": 0}, "hidden_size must be a positive integer"),
         ({"hidden_size": 32, "text_width": 0}, "text_width must be a positive integer"),
-        ({"hidden_size": 32, "dropout": 1.5}, "dropout must be in"),
-        ({"hidden_size": 32, "alpha_init": float("nan")}, "alpha_init must be finite"),
+        ({"hidden_size": 32, "dropout": 1.5}, "gated_fusion.dropout: must be < 1.0, got 1.5"),
+        ({"hidden_size": 32, "alpha_init": float("nan")}, "gated_fusion.alpha_init: must be finite, got nan"),
     ],
 )
 def test_constructor_rejects_bad_arguments(kwargs, message):

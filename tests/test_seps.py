@@ -10,7 +10,7 @@ from _seps_reference import per_caption_loop_similarity
 
 from lever_plugins import CrossSparseAggrNet, SEPSLoss
 from lever_plugins.metrics import retrieval_metrics
-from lever_plugins.modules import seps as seps_module
+from lever_plugins.modules import seps_selection
 from lever_plugins.schemas.seps import SepsHeadSettings, SepsLossSettings, seps_head_parameter_count
 
 CONFIGS = list(itertools.product([True, False], [True, False]))  # (use_paper_version, use_dual_aggr)
@@ -156,8 +156,8 @@ def test_pair_chunk_size_does_not_change_the_result(paper, dual, monkeypatch):
     batch = make_batch(5, 7)
     results = []
     for chunk, item_chunk in ((1, 64), (7, 64), (10_000, 64), (10_000, 2)):
-        head.pair_chunk_size = chunk
-        monkeypatch.setattr(seps_module, "_ITEM_CHUNK", item_chunk)  # per-image work in chunks of 2 images
+        head.settings.pair_chunk_size = chunk
+        monkeypatch.setattr(seps_selection, "_ITEM_CHUNK", item_chunk)  # per-image work in chunks of 2 images
         head.eval()
         with torch.no_grad():
             sims = head(*batch)
@@ -356,7 +356,7 @@ def test_gumbel_decisions_are_random_and_decide_what_training_keeps():
     with torch.no_grad():
         sims_eval = head(*batch)
         assert torch.equal(head(*batch), sims_eval)  # evaluation: no noise, the budget by score
-        head.use_gumbel_softmax = False
+        head.settings.use_gumbel_softmax = False
         sims_plain, _ = head.train()(*batch)
     # Without noise the decisions start (offset 0) at the budget's top set: training agrees with evaluation.
     assert torch.allclose(sims_plain, sims_eval, atol=1e-6)
@@ -398,7 +398,7 @@ def test_policy_softmax_is_the_masked_softmax_with_the_gradients_of_its_formula(
     policy = torch.maximum(policy, row_max)
     x.requires_grad_(True)
     policy.requires_grad_(True)
-    out = seps_module._policy_softmax(x, policy)
+    out = seps_selection.policy_softmax(x, policy)
     masked = torch.where(policy.detach().bool(), x, float("-inf")).softmax(dim=-1)
     assert torch.allclose(out, masked, atol=1e-12)
     upstream = torch.randn(out.shape, generator=g, dtype=torch.float64)
@@ -450,9 +450,9 @@ def test_training_keeps_exactly_the_patches_the_decisions_mark(paper, dual, has_
         sims, mask = head(*batch)
         sparse, dense = _sparse_dense(mask, dual)
         counts = sparse.sum(dim=-1)
-        assert counts.unique().numel() > 1 and (counts != head.num_keep).any()  # a count per pair
+        assert counts.unique().numel() > 1 and (counts != head.settings.num_keep).any()  # a count per pair
         if dual:
-            assert (dense.sum(dim=-1) > head.num_keep).any()
+            assert (dense.sum(dim=-1) > head.settings.num_keep).any()
             loop = per_caption_loop_similarity(head, *batch, keep=(sparse, dense))
             assert torch.allclose(sims, loop, atol=1e-5)
         sims_sparse, sparse_only = head(*batch[:3])
@@ -490,7 +490,7 @@ def test_evaluation_keeps_the_budget_unless_asked_for_the_decisions(paper, dual,
     with torch.no_grad():
         sims = head(*batch)
     assert calls and all(k.dtype == torch.bool for k in calls)
-    assert all(bool((k.sum(dim=-1) == head.num_keep).all()) for k in calls)  # ceil(16 * 0.5) = 8 everywhere
+    assert all(bool((k.sum(dim=-1) == head.settings.num_keep).all()) for k in calls)  # ceil(16 * 0.5) = 8 everywhere
     with torch.no_grad():
         assert torch.allclose(sims, per_caption_loop_similarity(head, *batch), atol=1e-5)
 
@@ -506,9 +506,9 @@ def test_evaluation_keeps_the_budget_unless_asked_for_the_decisions(paper, dual,
 
 
 def test_eval_by_decisions_is_read_from_settings_and_deterministic():
-    head = CrossSparseAggrNet.from_settings({"embed_size": C, "num_patches": N, "eval_by_decisions": True})
-    assert head.eval_by_decisions and not make_head().eval_by_decisions
-    head.use_gumbel_softmax = True  # noise is a training-only device
+    head = CrossSparseAggrNet({"embed_size": C, "num_patches": N, "eval_by_decisions": True})
+    assert head.settings.eval_by_decisions and not make_head().settings.eval_by_decisions
+    head.settings.use_gumbel_softmax = True  # noise is a training-only device
     batch = make_batch()
     with torch.no_grad():
         assert torch.equal(head.eval()(*batch), head(*batch))
@@ -531,12 +531,12 @@ def test_selection_scores_get_no_gradient_unless_the_setting_asks():
                 assert (img.grad is not None) == paper
             assert head.sparse_keep_threshold.grad.abs() > 0
     assert SepsHeadSettings().selection_score_grad is False
-    assert CrossSparseAggrNet.from_settings({"selection_score_grad": True}).selection_score_grad
+    assert CrossSparseAggrNet({"selection_score_grad": True}).settings.selection_score_grad
 
 
 def test_gumbel_tau_sets_the_softness_of_the_backward_only():
-    assert SepsHeadSettings().gumbel_tau == 1.0 == make_head().gumbel_tau  # the seed reference's default
-    assert CrossSparseAggrNet.from_settings({"embed_size": C, "num_patches": N, "gumbel_tau": 0.3}).gumbel_tau == 0.3
+    assert SepsHeadSettings().gumbel_tau == 1.0 == make_head().settings.gumbel_tau  # the seed reference's default
+    assert CrossSparseAggrNet({"embed_size": C, "num_patches": N, "gumbel_tau": 0.3}).settings.gumbel_tau == 0.3
     state = make_head().state_dict()
     batch = make_batch(6, 6)
     results = []
@@ -601,18 +601,29 @@ def test_bad_settings_are_rejected(kwargs, message):
         make_head(**kwargs)
 
 
-def test_from_settings_and_parameter_count():
-    head = CrossSparseAggrNet.from_settings({"embed_size": 32, "num_patches": 16, "use_dual_aggr": False})
-    assert head.embed_size == 32 and not head.use_dual_aggr and head.has_cls
+def test_settings_and_parameter_count():
+    head = CrossSparseAggrNet({"embed_size": 32, "num_patches": 16, "use_dual_aggr": False})
+    assert head.settings.embed_size == 32 and not head.settings.use_dual_aggr and head.settings.has_cls
     with pytest.raises(ValueError, match="sparse_ratoi: unknown key.*sparse_ratio"):
-        CrossSparseAggrNet.from_settings({"sparse_ratoi": 0.5})
+        CrossSparseAggrNet({"sparse_ratoi": 0.5})
     for paper, dual in CONFIGS:
         settings = SepsHeadSettings(embed_size=48, num_patches=36, use_paper_version=paper, use_dual_aggr=dual)
-        built = CrossSparseAggrNet.from_settings(settings)
+        built = CrossSparseAggrNet(settings)
         assert sum(p.numel() for p in built.parameters()) == seps_head_parameter_count(settings)
     assert sum(p.numel() for p in CrossSparseAggrNet().parameters()) == seps_head_parameter_count() == 246_393
-    loss = SEPSLoss.from_settings(SepsLossSettings(margin=0.3, max_violation=True))
-    assert loss.margin == 0.3 and loss.max_violation
+    loss = SEPSLoss(SepsLossSettings(margin=0.3, max_violation=True))
+    assert loss.settings.margin == 0.3 and loss.max_violation
+    # keyword settings (the seed's call) and a settings object build the same modules; both at once is an error
+    assert SEPSLoss(margin=0.3, max_violation=True).extra_repr() == loss.extra_repr()
+    assert make_head().settings == SepsHeadSettings(
+        embed_size=C, num_patches=N, sparse_ratio=0.5, aggr_ratio=0.5, use_paper_version=True, use_dual_aggr=True
+    )
+    with pytest.raises(TypeError, match="not both"):
+        CrossSparseAggrNet(SepsHeadSettings(), embed_size=C)
+    with pytest.raises(TypeError, match="not both"):
+        SEPSLoss(SepsLossSettings(), margin=0.3)
+    loss.set_max_violation(False)  # the task's switch is state: the settings keep what was configured
+    assert not loss.max_violation and loss.settings.max_violation
 
 
 @pytest.mark.parametrize(
@@ -630,7 +641,7 @@ def test_keep_and_aggregated_counts_are_exact_not_float_rounded(num_patches, spa
     head = CrossSparseAggrNet(
         embed_size=C, num_patches=num_patches, sparse_ratio=sparse_ratio, aggr_ratio=aggr_ratio
     )
-    assert head.num_keep == keep and head.sparse_aggregation[-1].out_features == aggregated
+    assert head.settings.num_keep == keep and head.sparse_aggregation[-1].out_features == aggregated
 
 # ---------------------------------------------------------------- SEPSLoss by hand
 

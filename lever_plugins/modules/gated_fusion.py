@@ -27,7 +27,6 @@ BLIP-2 ViT-g setting ``H = 1408, T = 768`` it is 8,115,713.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Optional, Union
 
 import torch
@@ -46,75 +45,40 @@ class GatedFusionModule(nn.Module):
     Args:
         hidden_size: width ``H`` of the image tokens (vision width: 1408 for ViT-g, 1024 for ViT-L).
         text_width: width ``T`` of the text tokens (Q-Former hidden, 768); defaults to ``hidden_size``.
-        num_heads: attention heads; must divide ``hidden_size``.
-        dropout: dropout probability on the attention weights, applied in training mode only.
-        alpha_init: initial value of the residual scale ``alpha``; 0 gives the exact identity.
+        settings: a :class:`GatedFusionSettings` (``num_heads``, ``dropout``, ``alpha_init``: documented
+            there), a mapping of its keys (the recipe's ``gated_fusion:`` block) or None; or leave it out
+            and give the keys as keyword arguments (``GatedFusionModule(1408, 768, num_heads=8)``). Kept
+            as ``self.settings``; the widths come from the backbone and are not settings.
+
+    Raises:
+        ValueError: unknown keys or bad values (every problem, each naming its key), or widths that do
+            not fit the settings (``num_heads`` must divide ``hidden_size``).
     """
 
     def __init__(
         self,
         hidden_size: int,
         text_width: Optional[int] = None,
-        num_heads: int = 8,
-        dropout: float = 0.0,
-        alpha_init: float = 0.0,
+        settings: Union[GatedFusionSettings, Mapping[str, Any], None] = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__()
+        self.settings: GatedFusionSettings = settings_from(GatedFusionSettings, settings, "gated_fusion", **kwargs)
         text_width = hidden_size if text_width is None else text_width
-        for name, value in (("hidden_size", hidden_size), ("text_width", text_width), ("num_heads", num_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GatedFusionModule: {name} must be a positive integer, got {value!r}")
-        if hidden_size % num_heads:
-            raise ValueError(
-                f"GatedFusionModule: num_heads={num_heads} must divide hidden_size={hidden_size} "
-                f"(the vision width); try one of {_divisors_near(hidden_size, num_heads)}"
-            )
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"GatedFusionModule: dropout must be in [0, 1), got {dropout!r}")
-        if not math.isfinite(float(alpha_init)):
-            raise ValueError(f"GatedFusionModule: alpha_init must be finite, got {alpha_init!r}")
-
+        problems = list(self.settings.width_problems(hidden_size, text_width))
+        if problems:
+            raise ValueError("GatedFusionModule: " + "; ".join(problems))
         self.hidden_size = hidden_size
         self.text_width = text_width
-        self.num_heads = num_heads
-        self.head_dim = hidden_size // num_heads
-        self.dropout = float(dropout)
-        self.alpha_init = float(alpha_init)
+        self.head_dim = hidden_size // self.settings.num_heads
 
         self.q_proj = nn.Linear(hidden_size, hidden_size)
         self.k_proj = nn.Linear(text_width, hidden_size)
         self.v_proj = nn.Linear(text_width, hidden_size)
         self.out_proj = nn.Linear(hidden_size, hidden_size)
         self.gate_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.alpha = nn.Parameter(torch.tensor(self.alpha_init))
+        self.alpha = nn.Parameter(torch.tensor(float(self.settings.alpha_init)))
         self.reset_parameters()
-
-    @classmethod
-    def from_settings(
-        cls,
-        settings: Union[GatedFusionSettings, Mapping[str, Any], None],
-        hidden_size: int,
-        text_width: Optional[int] = None,
-    ) -> "GatedFusionModule":
-        """Build from the recipe's ``gated_fusion:`` block (settings object, mapping, or ``None`` = defaults).
-
-        Args:
-            settings: :class:`GatedFusionSettings`, a plain/OmegaConf mapping of its keys, or ``None``.
-            hidden_size: vision width of the image tokens.
-            text_width: hidden size of the text embeddings (Q-Former hidden).
-
-        Raises:
-            ValueError: unknown keys or bad values in a mapping (all problems listed), or widths that do
-                not fit the settings (e.g. ``num_heads`` not dividing ``hidden_size``).
-        """
-        settings = settings_from(GatedFusionSettings, settings, "gated_fusion")
-        return cls(
-            hidden_size,
-            text_width,
-            num_heads=settings.num_heads,
-            dropout=settings.dropout,
-            alpha_init=settings.alpha_init,
-        )
 
     def reset_parameters(self) -> None:
         """Initialise as ``nn.MultiheadAttention`` does, and ``alpha`` to ``alpha_init``.
@@ -128,7 +92,7 @@ class GatedFusionModule(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
         self.gate_proj.reset_parameters()
         with torch.no_grad():
-            self.alpha.fill_(self.alpha_init)
+            self.alpha.fill_(self.settings.alpha_init)
 
     def forward(
         self,
@@ -166,11 +130,12 @@ class GatedFusionModule(nn.Module):
             keep = keep | ~has_text[:, None]
             attn_mask = keep[:, None, None, :]  # (B, 1, 1, L), True = may be attended
 
-        query = self.q_proj(image_embeds).view(batch, num_image, self.num_heads, self.head_dim).transpose(1, 2)
-        key = self.k_proj(text_embeds).view(batch, num_text, self.num_heads, self.head_dim).transpose(1, 2)
-        value = self.v_proj(text_embeds).view(batch, num_text, self.num_heads, self.head_dim).transpose(1, 2)
+        heads, dropout = self.settings.num_heads, self.settings.dropout
+        query = self.q_proj(image_embeds).view(batch, num_image, heads, self.head_dim).transpose(1, 2)
+        key = self.k_proj(text_embeds).view(batch, num_text, heads, self.head_dim).transpose(1, 2)
+        value = self.v_proj(text_embeds).view(batch, num_text, heads, self.head_dim).transpose(1, 2)
         context = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout if self.training else 0.0
         )
         update = self.out_proj(context.transpose(1, 2).reshape(batch, num_image, self.hidden_size))
         if has_text is not None:
@@ -212,13 +177,4 @@ class GatedFusionModule(nn.Module):
             )
 
     def extra_repr(self) -> str:
-        return (
-            f"hidden_size={self.hidden_size}, text_width={self.text_width}, num_heads={self.num_heads}, "
-            f"dropout={self.dropout}, alpha_init={self.alpha_init}"
-        )
-
-
-def _divisors_near(n: int, target: int) -> list[int]:
-    """Up to three divisors of ``n`` closest to ``target``, for the error message."""
-    divisors = [d for d in range(1, n + 1) if n % d == 0]
-    return sorted(sorted(divisors, key=lambda d: (abs(d - target), d))[:3])
+        return f"hidden_size={self.hidden_size}, text_width={self.text_width}, {self.settings!r}"

@@ -55,15 +55,10 @@ depends on the image only and is an expanded view of a ``(B_v, N)`` tensor.
 exactly that many patches (after the CLS token when ``has_cls``), and a mismatch is an error that names
 ``has_cls``, never a guess from the token count.
 
-**Keep decisions decide.** A fixed top-k budget makes the kept fraction a constant, so a ratio loss
-on the top-k mask (the public code) has no gradient and changes nothing. Here each branch turns its
-selection score ``s`` into per-patch decisions: logit ``z = (s - m - theta) / 0.1`` with ``m`` the
-midpoint between the pair's ``num_keep``-th and next best score and ``theta`` a learned offset per
-branch (0 at start, so the decisions start as the budget's top-``num_keep`` set); forward ``D = [z >
-0]``, backward the gradient of ``sigmoid(z)`` (straight-through). With ``use_gumbel_softmax``, in
-training, ``z`` gets two-way Gumbel (logistic) noise and the backward is that of ``sigmoid(z /
-gumbel_tau)`` (seed default ``gumbel_tau = 1``). The best-scoring patch is always kept and the worst
-always fused, so neither token set is ever empty.
+**Keep decisions decide.** Each branch turns its selection score into per-patch keep decisions ``D``
+(0/1 forward, straight-through backward, a learned threshold offset ``theta`` per branch starting at the
+budget's cut; :mod:`lever_plugins.modules.seps_selection` gives the formula and why a top-k mask trains
+nothing).
 
 * *Training*: the kept set of each pair is the one ``D`` marks, a count that varies per pair. Masks
   over the ``N`` patches carry it (no gathers): the aggregation softmax is weighted by ``D`` and the
@@ -87,19 +82,15 @@ selection, masked softmax, one batched matmul, similarity) runs over blocks of a
 ``pair_chunk_size`` pairs, with no Python loop over captions. A pair's score does not depend on the rest
 of the batch: selection scores are computed in float64, so chunking or sub-batching cannot flip a keep
 choice through rounding (Gumbel noise, when on, is drawn per block). Evaluation with the budget (a fixed
-count per pair) takes a faster route to the same numbers: ``e = exp(logits - max)`` once per image, the
-masked softmax of each pair as ``keep * e / (keep @ e)`` (a pair whose kept sum underflows takes the exact
-masked softmax), the extra token's weights as one more row, so that one batched matmul gives every
-pair's tokens and one more their cosines with the words, in buffers allocated once per forward. Training
-memory grows with ``B_v * B_t`` because autograd keeps every block's intermediates (measured ~250 kB per
-pair at the defaults: +4.2 GB for a 128 x 128 batch); ``checkpoint_pairs=True`` recomputes each block
-in the backward pass instead (+0.6 GB at 128 x 128, 1.2-1.5x the CPU time).
+count per pair) takes a faster route to the same numbers (``_budget_similarities``). Training memory
+grows with ``B_v * B_t`` because autograd keeps every block's intermediates (measured ~250 kB per pair at
+the defaults: +4.2 GB for a 128 x 128 batch); ``checkpoint_pairs=True`` recomputes each block in the
+backward pass instead (+0.6 GB at 128 x 128, 1.2-1.5x the CPU time).
 
 Shapes: ``B_v`` images, ``B_t`` captions, ``N`` patches, ``C`` = ``embed_size``, ``L_s``/``L_d`` words.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Mapping, NamedTuple, Optional, Tuple, Union
 
@@ -109,119 +100,24 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lever_plugins.modules.seps_loss import SEPSLoss, ScoreMask
+from lever_plugins.modules.seps_selection import (
+    cosine64,
+    keep_decisions,
+    mean_direction64,
+    minmax,
+    per_item,
+    selection_weights,
+    top_mask,
+)
+from lever_plugins.modules.seps_similarity import fine_grained_similarity, pair_cosines
 from lever_plugins.schema import settings_from
 from lever_plugins.schemas.seps import AGGREGATION_HIDDEN_RATIO, SepsHeadSettings
 
 __all__ = ["CrossSparseAggrNet", "SEPSLoss", "ScoreMask"]
 
-KEEP_TEMPERATURE = 0.1
-SCAN_LEAKY_SLOPE = 0.1
 # Evaluation normalises exp(logit - image max) over each pair's kept patches; a pair whose kept sum falls
 # below this (float32 subnormals are 1e13 times smaller) takes the exact masked softmax instead.
 _UNDERFLOW = 1e-25
-# Images (or captions) processed at once by the per-item work (float64 scores, MLPs on every patch),
-# so that its temporaries stay small (a few MB: fresh large tensors cost page faults) even when all
-# test images come at once.
-_ITEM_CHUNK = 16
-
-
-def _minmax(x: torch.Tensor) -> torch.Tensor:
-    """Min-max normalise over the last dim (paper Eq. 2)."""
-    low = x.amin(dim=-1, keepdim=True)
-    high = x.amax(dim=-1, keepdim=True)
-    return (x - low) / (high - low + 1e-8)
-
-
-def _mean_direction64(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Unit-norm mean of the first ``lengths[b]`` rows of ``x[b]``, in float64.
-
-    Args:
-        x: ``(B, L, C)``.
-        lengths: ``(B,)`` valid rows per item.
-
-    Returns:
-        ``(B, C)`` float64.
-    """
-    out = []
-    positions = torch.arange(x.shape[1], device=x.device)
-    for start in range(0, x.shape[0], _ITEM_CHUNK):
-        block = x[start : start + _ITEM_CHUNK].double()
-        lens = lengths[start : start + _ITEM_CHUNK]
-        valid = (positions[None, :] < lens[:, None]).to(block.dtype)
-        mean = (block * valid[..., None]).sum(dim=1) / lens[:, None].to(block.dtype)
-        out.append(F.normalize(mean, dim=-1))
-    return torch.cat(out, dim=0)
-
-
-def _cosine64(unit_patches: torch.Tensor, *unit_queries: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    """``(B, N)`` float64 cosines of each image's patches to each of that image's own query directions.
-
-    Args:
-        unit_patches: ``(B, N, C)`` unit-norm patches (converted to float64 once for all queries).
-        unit_queries: ``(B, C)`` unit-norm float64 queries, one per image each.
-    """
-    queries = torch.stack(unit_queries, dim=-1)  # (B, C, Q)
-    out = []
-    for start in range(0, unit_patches.shape[0], _ITEM_CHUNK):
-        block = unit_patches[start : start + _ITEM_CHUNK].double()
-        out.append(torch.bmm(block, queries[start : start + _ITEM_CHUNK]))
-    return torch.cat(out, dim=0).unbind(dim=-1)
-
-
-def _per_item(fn: Any, x: torch.Tensor) -> torch.Tensor:
-    """``fn`` applied to ``x`` in chunks of ``_ITEM_CHUNK`` along dim 0, results concatenated."""
-    if x.shape[0] <= _ITEM_CHUNK:
-        return fn(x)
-    return torch.cat([fn(x[i : i + _ITEM_CHUNK]) for i in range(0, x.shape[0], _ITEM_CHUNK)], dim=0)
-
-
-def _top_mask(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the ``k`` highest entries along the last dim."""
-    index = score.topk(k, dim=-1, sorted=False).indices
-    return torch.zeros(score.shape, dtype=torch.bool, device=score.device).scatter_(-1, index, True)
-
-
-class _PolicySoftmax(torch.autograd.Function):
-    """``policy_i exp(x_i) / sum_j policy_j exp(x_j)`` over the last dim, saving what a softmax saves.
-
-    Autograd of the plain formula would keep ``exp(x)`` and the product at every pair's full size (+25 %
-    training memory); this saves the output, ``x`` as given (the aggregation logits are a per-image view
-    broadcast over captions) and two per-row scalars.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
-        shift = x.masked_fill(policy <= 0, float("-inf")).amax(dim=-1, keepdim=True)
-        # The clamp only touches masked-out entries above the kept maximum (it keeps exp finite there).
-        weights = torch.exp((x - shift).clamp(max=0)) * policy
-        total = weights.sum(dim=-1, keepdim=True)
-        out = weights / total
-        ctx.save_for_backward(x, out, shift, total)
-        ctx.shapes = (x.shape, policy.shape, policy.dtype)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        x, out, shift, total = ctx.saved_tensors
-        x_shape, policy_shape, policy_dtype = ctx.shapes
-        inner = grad - (grad * out).sum(dim=-1, keepdim=True)
-        grad_x = grad_policy = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (out * inner).sum_to_size(x_shape).to(x.dtype)
-        if ctx.needs_input_grad[1]:  # d out_k / d policy_i = (e_i / Z) (delta_ki - out_k)
-            would_be = torch.exp((x - shift).clamp(max=0)) / total
-            grad_policy = (would_be * inner).sum_to_size(policy_shape).to(policy_dtype)
-        return grad_x, grad_policy
-
-
-def _policy_softmax(x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
-    """Softmax of ``x`` over the last dim restricted to the entries where ``policy`` (0/1 values) is 1.
-
-    ``policy_i exp(x_i) / sum_j policy_j exp(x_j)``: in the forward pass exactly the masked softmax,
-    and a gradient reaches ``policy`` (straight-through decisions), as DynamicViT's attention with a
-    keep policy. ``policy`` broadcasts to ``x`` and has at least one 1 per row.
-    """
-    return _PolicySoftmax.apply(x, policy)
 
 
 class _ImageSide(NamedTuple):
@@ -264,111 +160,37 @@ class CrossSparseAggrNet(nn.Module):
     """SEPS head: all-pairs similarity of images and captions through per-pair patch selection.
 
     Args:
-        embed_size: width ``C`` of patch and word embeddings.
-        num_patches: patch tokens ``N`` per image, CLS excluded; must match the input.
-        sparse_ratio: fraction ``rho`` of patches kept per pair: ``ceil(N * rho)`` in evaluation, the
-            decisions' starting point in training.
-        aggr_ratio: kept patches are aggregated into ``int(N * aggr_ratio * rho)`` tokens.
-        use_paper_version: SEPS-paper scoring and similarity, else the public-code ones (module docstring).
-        use_dual_aggr: joint sparse+dense aggregation (tuple score mask), else per-branch (tensor).
-        use_gumbel_softmax: in training, sample keep decisions with two-way Gumbel noise.
-        gumbel_tau: Gumbel temperature of the decisions' backward pass (seed default 1.0).
-        selection_score_grad: let the guidance cosines of the selection scores pass gradient (default:
-            computed without gradient, as LAPS/SEPS do).
-        eval_by_decisions: evaluation keeps the decisions' patches instead of the ``num_keep`` best.
-        beta: paper Eq. 3 mixing weight, in ``[0, 0.5]``.
-        top_k: paper similarity: number of best matches fed to the relevance MLP.
-        has_cls: the first image token is a CLS token (explicit; never guessed from the token count).
-        pair_chunk_size: pairs scored at once; bounds memory, never changes the result.
-        checkpoint_pairs: in training, recompute each block of pairs in the backward pass instead of
-            keeping its intermediates (~190 kB per pair at the defaults otherwise).
+        settings: a :class:`SepsHeadSettings` (every key documented there), a mapping of its keys (a recipe
+            block) or None; or leave it out and give the keys as keyword arguments
+            (``CrossSparseAggrNet(embed_size=512, num_patches=196, ...)``, the seed's call). Kept as
+            ``self.settings``.
 
     Raises:
-        ValueError: a value out of range (see :class:`SepsHeadSettings`).
+        ValueError: unknown keys or values out of range (every problem, each naming its key).
     """
 
-    def __init__(
-        self,
-        embed_size: int = 512,
-        num_patches: int = 196,
-        sparse_ratio: float = 0.5,
-        aggr_ratio: float = 0.4,
-        use_paper_version: bool = True,
-        use_dual_aggr: bool = True,
-        use_gumbel_softmax: bool = False,
-        beta: float = 0.25,
-        top_k: int = 5,
-        has_cls: bool = True,
-        pair_chunk_size: int = 256,
-        checkpoint_pairs: bool = False,
-        gumbel_tau: float = 1.0,
-        selection_score_grad: bool = False,
-        eval_by_decisions: bool = False,
-    ) -> None:
+    def __init__(self, settings: Union[SepsHeadSettings, Mapping[str, Any], None] = None, /, **kwargs: Any) -> None:
         super().__init__()
-        settings = SepsHeadSettings(
-            embed_size=embed_size,
-            num_patches=num_patches,
-            has_cls=has_cls,
-            sparse_ratio=sparse_ratio,
-            aggr_ratio=aggr_ratio,
-            use_paper_version=use_paper_version,
-            use_dual_aggr=use_dual_aggr,
-            use_gumbel_softmax=use_gumbel_softmax,
-            gumbel_tau=gumbel_tau,
-            selection_score_grad=selection_score_grad,
-            eval_by_decisions=eval_by_decisions,
-            beta=beta,
-            top_k=top_k,
-            pair_chunk_size=pair_chunk_size,
-            checkpoint_pairs=checkpoint_pairs,
-        )
-        self.embed_size = embed_size
-        self.num_patches = num_patches
-        self.has_cls = bool(has_cls)
-        self.sparse_ratio = float(sparse_ratio)
-        self.aggr_ratio = float(aggr_ratio)
-        self.use_paper_version = bool(use_paper_version)
-        self.use_dual_aggr = bool(use_dual_aggr)
-        self.use_gumbel_softmax = bool(use_gumbel_softmax)
-        self.gumbel_tau = float(gumbel_tau)
-        self.selection_score_grad = bool(selection_score_grad)
-        self.eval_by_decisions = bool(eval_by_decisions)
-        self.beta = float(beta)
-        self.top_k = int(top_k)
-        self.pair_chunk_size = int(pair_chunk_size)
-        self.checkpoint_pairs = bool(checkpoint_pairs)
-        self.num_keep = settings.num_keep
-        self.num_aggregated = settings.num_aggregated
-
-        if self.use_dual_aggr:
-            self.sparse_aggregation = _aggregation_mlp(embed_size, self.num_aggregated)
-            self.dense_aggregation = _aggregation_mlp(embed_size, self.num_aggregated)
+        self.settings: SepsHeadSettings = settings_from(SepsHeadSettings, settings, "seps_head", **kwargs)
+        s = self.settings
+        if s.use_dual_aggr:
+            self.sparse_aggregation = _aggregation_mlp(s.embed_size, s.num_aggregated)
+            self.dense_aggregation = _aggregation_mlp(s.embed_size, s.num_aggregated)
         else:
-            self.aggregation = _aggregation_mlp(embed_size, self.num_aggregated)
+            self.aggregation = _aggregation_mlp(s.embed_size, s.num_aggregated)
         self.aggregation_scale = nn.Parameter(torch.ones(()))
-        if self.use_paper_version:
-            self.sparse_score_predictor = _score_predictor(embed_size)
-            self.dense_score_predictor = _score_predictor(embed_size)
+        if s.use_paper_version:
+            self.sparse_score_predictor = _score_predictor(s.embed_size)
+            self.dense_score_predictor = _score_predictor(s.embed_size)
             self.relevance_mlp = nn.Sequential(
-                nn.Linear(self.top_k, 2 * self.top_k),
+                nn.Linear(s.top_k, 2 * s.top_k),
                 nn.GELU(),
                 # No bias: a constant added to every score cancels in any ranking loss (it would never train).
-                nn.Linear(2 * self.top_k, 1, bias=False),
+                nn.Linear(2 * s.top_k, 1, bias=False),
             )
         # Offsets of the decision threshold from the budget's cut (0: start at the top-num_keep set).
         self.sparse_keep_threshold = nn.Parameter(torch.zeros(()))
         self.dense_keep_threshold = nn.Parameter(torch.zeros(()))
-
-    @classmethod
-    def from_settings(cls, settings: Union[SepsHeadSettings, Mapping[str, Any], None]) -> "CrossSparseAggrNet":
-        """Build from a :class:`SepsHeadSettings`, a mapping of its keys (recipe block) or ``None`` (defaults).
-
-        Raises:
-            ValueError: unknown keys or bad values (all problems listed).
-        """
-        s = settings_from(SepsHeadSettings, settings, "seps_head")
-        return cls(**{field.name: getattr(s, field.name) for field in dataclasses.fields(s)})
 
     # ------------------------------------------------------------------ forward
 
@@ -396,18 +218,19 @@ class CrossSparseAggrNet(nn.Module):
             D_d)``, each ``(B_t, B_v, N)``, when ``use_dual_aggr`` and dense captions are given, else one
             ``(B_t, B_v, N)`` tensor (module docstring); its mean is the fraction actually kept.
         """
+        s = self.settings
         cap_lens, long_cap_lens = self._check_inputs(img_embs, cap_embs, cap_lens, long_cap_embs, long_cap_lens)
         need_mask = self.training
-        decide = self.training or self.eval_by_decisions
+        decide = self.training or s.eval_by_decisions
         image = self._encode_images(img_embs, long_cap_embs, long_cap_lens, decide)
         text = self._encode_captions(cap_embs, cap_lens)
         if not decide:
             return self._budget_similarities(image, text)
 
         num_images, num_captions = img_embs.shape[0], cap_embs.shape[0]
-        captions_per_block = min(num_captions, self.pair_chunk_size)
-        images_per_block = max(1, min(num_images, self.pair_chunk_size // captions_per_block))
-        checkpointed = need_mask and self.checkpoint_pairs and torch.is_grad_enabled()
+        captions_per_block = min(num_captions, s.pair_chunk_size)
+        images_per_block = max(1, min(num_images, s.pair_chunk_size // captions_per_block))
+        checkpointed = need_mask and s.checkpoint_pairs and torch.is_grad_enabled()
         sim_rows, mask_rows = [], []
         for v0 in range(0, num_images, images_per_block):
             images = slice(v0, min(v0 + images_per_block, num_images))
@@ -434,7 +257,7 @@ class CrossSparseAggrNet(nn.Module):
         if image.dense_decision is None:
             return sims, sparse_decision
         dense_decision = image.dense_decision.unsqueeze(0).expand_as(sparse_decision)
-        if self.use_dual_aggr:
+        if s.use_dual_aggr:
             return sims, (sparse_decision, dense_decision)
         return sims, (sparse_decision + dense_decision) / 2
 
@@ -449,8 +272,8 @@ class CrossSparseAggrNet(nn.Module):
         long_cap_lens: Optional[torch.Tensor],
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Validate shapes; return the lengths as int64 tensors on the embeddings' device."""
-        name = type(self).__name__
-        c = self.embed_size
+        name, s = type(self).__name__, self.settings
+        c = s.embed_size
         if img_embs.dim() != 3 or img_embs.shape[-1] != c:
             raise ValueError(
                 f"{name}: img_embs must be (B_v, N(+1), embed_size={c}), got shape {tuple(img_embs.shape)}"
@@ -459,16 +282,16 @@ class CrossSparseAggrNet(nn.Module):
             raise ValueError(
                 f"{name}: cap_embs must be (B_t, L_s, embed_size={c}), got shape {tuple(cap_embs.shape)}"
             )
-        patches = img_embs.shape[1] - int(self.has_cls)
-        if patches != self.num_patches:
+        patches = img_embs.shape[1] - int(s.has_cls)
+        if patches != s.num_patches:
             hint = (
                 "set has_cls=False if the tokens carry no CLS token"
-                if self.has_cls
+                if s.has_cls
                 else "set has_cls=True if the first token is a CLS token"
             )
             raise ValueError(
                 f"{name}: img_embs has {img_embs.shape[1]} tokens, i.e. {patches} patches with "
-                f"has_cls={self.has_cls}, but the head was built for num_patches={self.num_patches}; "
+                f"has_cls={s.has_cls}, but the head was built for num_patches={s.num_patches}; "
                 f"{hint}, or build the head with num_patches={patches}"
             )
         if img_embs.shape[0] == 0 or cap_embs.shape[0] == 0:
@@ -511,42 +334,22 @@ class CrossSparseAggrNet(nn.Module):
             )
         return lengths
 
-    def _keep_decision(self, score: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        """Keep decisions ``D (..., N)`` from selection scores: 0/1 forward, straight-through backward.
-
-        ``z = (score - m - offset) / KEEP_TEMPERATURE`` with ``m`` the midpoint between the
-        ``num_keep``-th and the next best score (``offset = 0``: exactly the budget's top set); Gumbel
-        noise in training when ``use_gumbel_softmax``. The best patch is always kept and the worst
-        always dropped (these two carry no gradient).
-        """
-        top = score.topk(self.num_keep + 1, dim=-1).values  # descending
-        logit = (score - (top[..., -2:-1] + top[..., -1:]) / 2 - offset.double()) / KEEP_TEMPERATURE
-        if self.training and self.use_gumbel_softmax:
-            uniform = torch.rand_like(logit).clamp(1e-6, 1 - 1e-6)
-            logit = logit + torch.log(uniform) - torch.log1p(-uniform)  # two-way Gumbel = logistic noise
-            prob = torch.sigmoid(logit / self.gumbel_tau)
-        else:
-            prob = torch.sigmoid(logit)
-        prob = prob.to(offset.dtype)
-        with torch.no_grad():
-            best = score.argmax(dim=-1, keepdim=True)
-            worst = score.scatter(-1, best, float("inf")).argmin(dim=-1, keepdim=True)
-            free = torch.ones_like(prob).scatter_(-1, best, 0.0).scatter_(-1, worst, 0.0)
-            hard = (logit > 0).to(prob.dtype).scatter_(-1, best, 1.0).scatter_(-1, worst, 0.0)
-        return hard + (prob - prob.detach()) * free
-
     def _select(self, score: torch.Tensor, offset: torch.Tensor, decide: bool) -> torch.Tensor:
-        """Kept patches: the decisions (float 0/1, differentiable) or the budget's top set (bool)."""
-        return self._keep_decision(score, offset) if decide else _top_mask(score, self.num_keep)
+        """Kept patches ``(..., N)``: the decisions (float 0/1, differentiable) or the budget's top set (bool)."""
+        s = self.settings
+        if not decide:
+            return top_mask(score, s.num_keep)
+        noise_tau = s.gumbel_tau if self.training and s.use_gumbel_softmax else None  # Gumbel: training only
+        return keep_decisions(score, offset, s.num_keep, noise_tau)
 
     def _predicted_scores(self, predictor: nn.Module, patches: torch.Tensor) -> torch.Tensor:
         """Paper Eq. 1: ``sigmoid(MLP(patch))``, ``(B, N)`` float64."""
-        return _per_item(lambda x: torch.sigmoid(predictor(x).squeeze(-1)).double(), patches)
+        return per_item(lambda x: torch.sigmoid(predictor(x).squeeze(-1)).double(), patches)
 
     def _aggregation_logits(self, mlp: nn.Module, patches: torch.Tensor) -> torch.Tensor:
         """Aggregation logits of every patch, ``(B, N_c, N)``."""
         # Contiguous so that the per-pair masked softmax over patches runs on standard-layout memory.
-        return _per_item(lambda x: (mlp(x) * self.aggregation_scale).transpose(1, 2).contiguous(), patches)
+        return per_item(lambda x: (mlp(x) * self.aggregation_scale).transpose(1, 2).contiguous(), patches)
 
     def _encode_images(
         self,
@@ -555,55 +358,49 @@ class CrossSparseAggrNet(nn.Module):
         long_cap_lens: Optional[torch.Tensor],
         decide: bool,
     ) -> _ImageSide:
-        cls = img_embs[:, :1] if self.has_cls else None
-        patches = img_embs[:, 1:] if self.has_cls else img_embs
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.selection_score_grad):
+        s = self.settings
+        cls = img_embs[:, :1] if s.has_cls else None
+        patches = img_embs[:, 1:] if s.has_cls else img_embs
+        with torch.set_grad_enabled(torch.is_grad_enabled() and s.selection_score_grad):
             unit_patches = F.normalize(patches, dim=-1)
-            image_direction = F.normalize(_per_item(lambda x: x.double().mean(dim=1), patches), dim=-1)
+            image_direction = F.normalize(per_item(lambda x: x.double().mean(dim=1), patches), dim=-1)
             dense_relevance = None
             if long_cap_embs is None:
-                (saliency,) = _cosine64(unit_patches, image_direction)  # s_im, (B_v, N)
+                (saliency,) = cosine64(unit_patches, image_direction)  # s_im, (B_v, N)
             else:  # s_im and s_dt
-                dense_direction = _mean_direction64(long_cap_embs, long_cap_lens)
-                saliency, dense_relevance = _cosine64(unit_patches, image_direction, dense_direction)
+                dense_direction = mean_direction64(long_cap_embs, long_cap_lens)
+                saliency, dense_relevance = cosine64(unit_patches, image_direction, dense_direction)
 
-        beta = self.beta
-        if self.use_paper_version:
-            saliency_n = _minmax(saliency)
+        beta = s.beta
+        if s.use_paper_version:
+            saliency_n = minmax(saliency)
             sparse_base = (1 - 2 * beta) * self._predicted_scores(self.sparse_score_predictor, patches)
             sparse_base = sparse_base + beta * 2 * saliency_n
             if dense_relevance is not None:
-                sparse_base = sparse_base + beta * _minmax(dense_relevance)
+                sparse_base = sparse_base + beta * minmax(dense_relevance)
         else:
             sparse_base = saliency
-        sparse_mlp = self.sparse_aggregation if self.use_dual_aggr else self.aggregation
+        sparse_mlp = self.sparse_aggregation if s.use_dual_aggr else self.aggregation
         sparse_logits = self._aggregation_logits(sparse_mlp, patches)
 
         dense_aggregation = dense_extra = dense_tokens = dense_decision = None
         if dense_relevance is not None:
-            if self.use_paper_version:
+            if s.use_paper_version:
                 dense_score = (1 - 2 * beta) * self._predicted_scores(self.dense_score_predictor, patches)
-                dense_score = dense_score + beta * 2 * (_minmax(dense_relevance) + saliency_n)
+                dense_score = dense_score + beta * 2 * (minmax(dense_relevance) + saliency_n)
             else:
                 dense_score = saliency + dense_relevance
-            dense_mlp = self.dense_aggregation if self.use_dual_aggr else self.aggregation
+            dense_mlp = self.dense_aggregation if s.use_dual_aggr else self.aggregation
             dense_logits = self._aggregation_logits(dense_mlp, patches)
             keep = self._select(dense_score, self.dense_keep_threshold, decide)
             dense_aggregation, dense_extra = self._selection_weights(dense_score, dense_logits, keep)
-            if not self.use_dual_aggr:
+            if not s.use_dual_aggr:
                 dense_tokens = self._dense_tokens(dense_aggregation, dense_extra, patches, cls)
                 dense_aggregation = dense_extra = None
             if decide:
                 dense_decision = keep
         return _ImageSide(
-            patches,
-            cls,
-            unit_patches,
-            sparse_base,
-            sparse_logits,
-            dense_aggregation,
-            dense_extra,
-            dense_tokens,
+            patches, cls, unit_patches, sparse_base, sparse_logits, dense_aggregation, dense_extra, dense_tokens,
             dense_decision,
         )
 
@@ -613,36 +410,22 @@ class CrossSparseAggrNet(nn.Module):
             unit_words=F.normalize(cap_embs, dim=-1),
             word_mask=word_mask,
             word_counts=cap_lens.to(cap_embs.dtype),
-            direction64=_mean_direction64(cap_embs, cap_lens) if self.selection_score_grad
-            else _mean_direction64(cap_embs.detach(), cap_lens),
+            direction64=mean_direction64(cap_embs, cap_lens) if self.settings.selection_score_grad
+            else mean_direction64(cap_embs.detach(), cap_lens),
         )
 
     def _selection_weights(
         self, score: torch.Tensor, logits: Optional[torch.Tensor], keep: torch.Tensor
     ) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
-        """Aggregation and extra-token weights over all ``N`` patches (zero where not applicable).
+        """:func:`~lever_plugins.modules.seps_selection.selection_weights`; every path that chooses kept
+        patches passes its choice through this method (tests record ``keep`` here)."""
+        return selection_weights(score, logits, keep)
 
-        Every path that chooses kept patches passes its choice through here (tests record ``keep``).
-
-        Args:
-            score: ``(..., N)`` float64 selection score.
-            logits: ``(..., N_c, N)`` aggregation logits (broadcastable to ``score``'s leading dims), or
-                None with a bool ``keep`` (the budget path, which builds its aggregation weights itself).
-            keep: ``(..., N)`` kept patches: bool (evaluation budget) or 0/1 float decisions.
-
-        Returns:
-            ``aggregation (..., N_c, N)`` (None when ``logits`` is None): softmax of the logits over the kept
-            patches; ``extra (..., N)``: softmax of the dropped patches' scores (in the logits' dtype, in the
-            score's when ``logits`` is None).
-        """
-        if keep.dtype == torch.bool:
-            extra = torch.where(keep, float("-inf"), score if logits is None else score.to(logits.dtype)).softmax(-1)
-            if logits is None:  # the budget path gathers its aggregation weights itself
-                return None, extra
-            aggregation = torch.where(keep.unsqueeze(-2), logits, float("-inf")).softmax(dim=-1)
-            return aggregation, extra
-        keep = keep.to(logits.dtype)
-        return _policy_softmax(logits, keep.unsqueeze(-2)), _policy_softmax(score.to(logits.dtype), 1 - keep)
+    def _sparse_score(self, image: _ImageSide, images: slice, relevance: torch.Tensor) -> torch.Tensor:
+        """``(V, T, N)`` float64 sparse-branch selection scores from the text relevance ``s_st (V, T, N)``."""
+        if self.settings.use_paper_version:
+            return image.sparse_base[images, None] + self.settings.beta * minmax(relevance)
+        return image.sparse_base[images, None] + relevance
 
     def _dense_tokens(
         self, aggregation: torch.Tensor, extra: torch.Tensor, patches: torch.Tensor, cls: Optional[torch.Tensor]
@@ -658,10 +441,7 @@ class CrossSparseAggrNet(nn.Module):
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Similarities ``(v, t)`` and (when deciding) sparse keep decisions ``(v, t, N)`` for one block."""
         relevance = torch.einsum("vnc,tc->vtn", image.unit_patches[images].double(), text.direction64[captions])
-        if self.use_paper_version:
-            score = image.sparse_base[images, None] + self.beta * _minmax(relevance)
-        else:
-            score = image.sparse_base[images, None] + relevance
+        score = self._sparse_score(image, images, relevance)
         keep = self._select(score, self.sparse_keep_threshold, decide)
         aggregation, extra = self._selection_weights(score, image.sparse_logits[images, None], keep)
         if image.dense_aggregation is not None:
@@ -671,8 +451,8 @@ class CrossSparseAggrNet(nn.Module):
         patches, words = image.patches[images], text.unit_words[captions]  # (v, N, C), (t, L, C)
         num_v, num_t, rows, num_patches = aggregation.shape
         cosines = [
-            self._pair_cosines(aggregation.view(num_v, num_t * rows, num_patches), patches, words),
-            self._pair_cosines(extra, patches, words),
+            pair_cosines(aggregation.view(num_v, num_t * rows, num_patches), patches, words),
+            pair_cosines(extra, patches, words),
         ]
         if image.cls is not None:
             unit_cls = F.normalize(image.cls[images, 0], dim=-1)
@@ -697,8 +477,8 @@ class CrossSparseAggrNet(nn.Module):
         pairs, so a pair's score does not depend on the rest of the batch.
         """
         num_images, num_captions = image.patches.shape[0], text.unit_words.shape[0]
-        captions_per_block = min(num_captions, self.pair_chunk_size)
-        images_per_block = max(1, min(num_images, self.pair_chunk_size // captions_per_block))
+        captions_per_block = min(num_captions, self.settings.pair_chunk_size)
+        images_per_block = max(1, min(num_images, self.settings.pair_chunk_size // captions_per_block))
         rows, num_patches = image.sparse_logits.shape[1:]
         width = image.patches.shape[-1]
         dtype, device = image.patches.dtype, image.patches.device
@@ -742,11 +522,8 @@ class CrossSparseAggrNet(nn.Module):
         unit64 = image.unit_patches[images].double()
         directions = text.direction64[captions].expand(num_v, num_t, width)
         relevance = torch.bmm(directions, unit64.transpose(1, 2))  # (V, T, N) float64
-        if self.use_paper_version:
-            score = image.sparse_base[images, None] + self.beta * _minmax(relevance)
-        else:
-            score = image.sparse_base[images, None] + relevance
-        keep = _top_mask(score, self.num_keep)
+        score = self._sparse_score(image, images, relevance)
+        keep = top_mask(score, self.settings.num_keep)
         extra_weights = self._selection_weights(score, None, keep)[1].to(patches.dtype)  # (V, T, N)
         if image.dense_extra is not None:  # paper Eq. 4: the extra token is the two branches' mean
             extra_weights = (extra_weights + image.dense_extra[images, None]) / 2
@@ -802,65 +579,13 @@ class CrossSparseAggrNet(nn.Module):
         """``(P, N_c, N)`` softmax of ``logits (P, N_c, N)`` over the patches ``keep (P, N)`` marks, in float32."""
         return torch.where(keep[:, None, :], logits.float(), float("-inf")).softmax(dim=-1)
 
-    @staticmethod
-    def _pair_cosines(weights: torch.Tensor, patches: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
-        """Cosines between the tokens ``weights @ patches`` of every pair and the pair's caption words.
-
-        Args:
-            weights: ``(V, T * R, N)``, ``R`` tokens per (image, caption) pair, caption-major.
-            patches: ``(V, N, C)``.
-            words: ``(T, L, C)`` unit-norm.
-
-        Returns:
-            ``(V, T, R, L)``.
-        """
-        num_v, num_t = patches.shape[0], words.shape[0]
-        tokens = torch.bmm(weights, patches)  # (V, T * R, C)
-        # Caption-major so that each caption's words meet all its tokens in one matmul (no copy when V == 1).
-        tokens = tokens.view(num_v, num_t, -1, tokens.shape[-1]).transpose(0, 1).reshape(num_t, -1, tokens.shape[-1])
-        # Cosines without materialising normalised tokens: divide the dot products by the token norms.
-        cosines = torch.bmm(tokens, words.transpose(1, 2)) / tokens.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        return cosines.view(num_t, num_v, -1, words.shape[1]).transpose(0, 1)
-
     def _similarity(self, cosines: torch.Tensor, word_mask: torch.Tensor, word_counts: torch.Tensor) -> torch.Tensor:
-        """Fine-grained similarity from token-word cosines.
-
-        Args:
-            cosines: ``(V, T, M, L)`` cosine of each of the pair's ``M`` tokens with each word.
-            word_mask: ``(T, L)`` True for real words.
-            word_counts: ``(T,)``.
-
-        Returns:
-            ``(V, T)``: mean over words of each word's best token + mean over tokens of each token's best
-            word (+ the relevance MLP on the top-k of both, paper version).
-        """
-        if not self.use_paper_version:
-            cosines = F.leaky_relu(cosines, SCAN_LEAKY_SLOPE)
-        valid = word_mask[None]  # (1, T, L)
-        word_best = cosines.amax(dim=2)  # (V, T, L)
-        word_term = (word_best * valid).sum(dim=-1) / word_counts
-        token_best = cosines.masked_fill(~valid[:, :, None, :], float("-inf")).amax(dim=3)  # (V, T, M)
-        sims = word_term + token_best.mean(dim=-1)
-        if self.use_paper_version:
-            sims = sims + self._relevance(word_best.masked_fill(~valid, float("-inf"))) + self._relevance(token_best)
-        return sims
-
-    def _relevance(self, best: torch.Tensor) -> torch.Tensor:
-        """Relevance MLP on the ``top_k`` best matches (``-inf`` = absent, counted as 0; padded with 0)."""
-        top = best.topk(min(self.top_k, best.shape[-1]), dim=-1).values
-        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        if top.shape[-1] < self.top_k:
-            top = F.pad(top, (0, self.top_k - top.shape[-1]))
-        return self.relevance_mlp(top).squeeze(-1)
+        """``(V, T)`` :func:`~lever_plugins.modules.seps_similarity.fine_grained_similarity` of this version."""
+        paper = self.settings.use_paper_version
+        return fine_grained_similarity(
+            cosines, word_mask, word_counts, self.relevance_mlp if paper else None, self.settings.top_k
+        )
 
     def extra_repr(self) -> str:
-        return (
-            f"embed_size={self.embed_size}, num_patches={self.num_patches}, has_cls={self.has_cls}, "
-            f"sparse_ratio={self.sparse_ratio}, aggr_ratio={self.aggr_ratio}, num_keep={self.num_keep}, "
-            f"num_aggregated={self.num_aggregated}, use_paper_version={self.use_paper_version}, "
-            f"use_dual_aggr={self.use_dual_aggr}, use_gumbel_softmax={self.use_gumbel_softmax}, "
-            f"gumbel_tau={self.gumbel_tau}, selection_score_grad={self.selection_score_grad}, "
-            f"eval_by_decisions={self.eval_by_decisions}, "
-            f"beta={self.beta}, top_k={self.top_k}, pair_chunk_size={self.pair_chunk_size}, "
-            f"checkpoint_pairs={self.checkpoint_pairs}"
-        )
+        s = self.settings
+        return f"{s!r}, num_keep={s.num_keep}, num_aggregated={s.num_aggregated}"

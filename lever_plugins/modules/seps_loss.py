@@ -45,51 +45,18 @@ class SEPSLoss(nn.Module):
     ``(mean D - rho)^2``; for ``None`` 0.
 
     Args:
-        margin: triplet margin.
-        target_ratio: target kept fraction ``rho``.
-        ratio_weight: weight of the ratio term.
-        max_violation: hardest negative only.
-        lambda_sparse: weight of the sparse-branch ratio term.
-        lambda_dense: weight of the dense-branch ratio term.
+        settings: a :class:`SepsLossSettings` (every key documented there), a mapping of its keys (a recipe
+            block) or None; or leave it out and give the keys as keyword arguments (``SEPSLoss(margin=0.2,
+            ...)``). Kept as ``self.settings``.
+
+    ``max_violation`` is also state: it starts at ``settings.max_violation`` and the task switches it
+    with :meth:`set_max_violation` (the settings keep what was configured).
     """
 
-    def __init__(
-        self,
-        margin: float = 0.2,
-        target_ratio: float = 0.5,
-        ratio_weight: float = 2.0,
-        max_violation: bool = False,
-        lambda_sparse: float = 1.0,
-        lambda_dense: float = 1.0,
-    ) -> None:
+    def __init__(self, settings: Union[SepsLossSettings, Mapping[str, Any], None] = None, /, **kwargs: Any) -> None:
         super().__init__()
-        SepsLossSettings(
-            margin=margin,
-            target_ratio=target_ratio,
-            ratio_weight=ratio_weight,
-            max_violation=max_violation,
-            lambda_sparse=lambda_sparse,
-            lambda_dense=lambda_dense,
-        )
-        self.margin = float(margin)
-        self.target_ratio = float(target_ratio)
-        self.ratio_weight = float(ratio_weight)
-        self.max_violation = bool(max_violation)
-        self.lambda_sparse = float(lambda_sparse)
-        self.lambda_dense = float(lambda_dense)
-
-    @classmethod
-    def from_settings(cls, settings: Union[SepsLossSettings, Mapping[str, Any], None]) -> "SEPSLoss":
-        """Build from a :class:`SepsLossSettings`, a mapping of its keys, or ``None`` (defaults)."""
-        s = settings_from(SepsLossSettings, settings, "seps_loss")
-        return cls(
-            margin=s.margin,
-            target_ratio=s.target_ratio,
-            ratio_weight=s.ratio_weight,
-            max_violation=s.max_violation,
-            lambda_sparse=s.lambda_sparse,
-            lambda_dense=s.lambda_dense,
-        )
+        self.settings: SepsLossSettings = settings_from(SepsLossSettings, settings, "seps_loss", **kwargs)
+        self.max_violation = self.settings.max_violation
 
     def set_max_violation(self, max_violation: bool = True) -> None:
         """Switch hard-negative mining on or off (the recipe switches it on after warm-up)."""
@@ -110,7 +77,7 @@ class SEPSLoss(nn.Module):
         """
         align = self.alignment_loss(similarity_matrix, img_ids)
         ratio = self.ratio_loss(score_mask, similarity_matrix)
-        return align + self.ratio_weight * ratio, align, ratio
+        return align + self.settings.ratio_weight * ratio, align, ratio
 
     def alignment_loss(self, similarity_matrix: torch.Tensor, img_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Summed hinge triplet loss in both directions (class docstring)."""
@@ -147,9 +114,10 @@ class SEPSLoss(nn.Module):
                 anchor_rows = img_ids
                 positive = torch.arange(num_images, device=sims.device)[:, None] == img_ids[None, :]
         anchor = sims[anchor_rows, columns]  # (B_t,)
-        image_to_text = (self.margin + sims[anchor_rows] - anchor[:, None]).clamp(min=0)  # (B_t anchors, B_t)
+        margin = self.settings.margin
+        image_to_text = (margin + sims[anchor_rows] - anchor[:, None]).clamp(min=0)  # (B_t anchors, B_t)
         image_to_text = image_to_text.masked_fill(positive[anchor_rows], 0)
-        text_to_image = (self.margin + sims - anchor[None, :]).clamp(min=0)  # (B_v, B_t anchors)
+        text_to_image = (margin + sims - anchor[None, :]).clamp(min=0)  # (B_v, B_t anchors)
         text_to_image = text_to_image.masked_fill(positive, 0)
         if self.max_violation:
             image_to_text = image_to_text.amax(dim=1)
@@ -158,20 +126,18 @@ class SEPSLoss(nn.Module):
 
     def ratio_loss(self, score_mask: Optional[ScoreMask], like: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Squared gap between the mean keep decision and ``target_ratio`` (class docstring)."""
-        rho = self.target_ratio
+        s = self.settings
+        rho = s.target_ratio
         if score_mask is None:
             return torch.zeros((), device=None if like is None else like.device)
         if isinstance(score_mask, (tuple, list)):
             if not 1 <= len(score_mask) <= 2:
                 raise ValueError(f"SEPSLoss: a tuple score_mask must be (D_s,) or (D_s, D_d), got {len(score_mask)} items")
-            loss = self.lambda_sparse * (score_mask[0].float().mean() - rho) ** 2
+            loss = s.lambda_sparse * (score_mask[0].float().mean() - rho) ** 2
             if len(score_mask) == 2:
-                loss = loss + self.lambda_dense * (score_mask[1].float().mean() - rho) ** 2
+                loss = loss + s.lambda_dense * (score_mask[1].float().mean() - rho) ** 2
             return loss
         return (score_mask.float().mean() - rho) ** 2
 
     def extra_repr(self) -> str:
-        return (
-            f"margin={self.margin}, target_ratio={self.target_ratio}, ratio_weight={self.ratio_weight}, "
-            f"max_violation={self.max_violation}, lambda_sparse={self.lambda_sparse}, lambda_dense={self.lambda_dense}"
-        )
+        return f"{self.settings!r}; max_violation in use: {self.max_violation}"

@@ -1,10 +1,10 @@
 """Recipe schemas of the SEPS retrieval head (``model.seps_head:``) and its loss (``model.seps_loss:``).
 
 Pure Python (no torch): ``lever-plugins validate`` reads these without building anything.
-:class:`SepsHeadSettings` mirrors the constructor of
-:class:`lever_plugins.modules.seps.CrossSparseAggrNet`, :class:`SepsLossSettings` that of
-:class:`lever_plugins.modules.seps.SEPSLoss`; both modules validate their arguments through these
-classes, so a bad value is reported the same way from Python and from a recipe.
+:class:`lever_plugins.modules.seps.CrossSparseAggrNet` is built from a :class:`SepsHeadSettings` and
+:class:`lever_plugins.modules.seps_loss.SEPSLoss` from a :class:`SepsLossSettings` (kept as their
+``settings``; keyword arguments go through :func:`lever_plugins.schema.settings_from`), so a bad value is
+reported the same way from Python and from a recipe.
 """
 from __future__ import annotations
 
