@@ -6,7 +6,7 @@ as the BLIP-2 models do. ``torch.load`` is always ``weights_only=True``: a check
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
@@ -17,13 +17,17 @@ logger = logging.getLogger(__name__)
 
 
 class CheckpointMismatch(RuntimeError):
-    """A checkpoint lacks weights that the model needs (beyond the keys allowed to be new)."""
+    """A checkpoint that cannot be read, or that lacks weights the model needs (beyond the keys allowed
+    to be new) or holds weights it does not have; the message names the file."""
 
 
-def read_torch_file(path: str, label: Optional[str] = None) -> dict:
-    """The dict saved in a torch file (a runner checkpoint, a state dict, a feature table), loaded with
-    ``weights_only=True``; :class:`CheckpointMismatch` naming ``label`` (default: the path) if the file is
-    missing, refused by the weights-only unpickler, corrupt, or not a dict."""
+def read_torch_file(path: str, label: Optional[str] = None, expected: type = dict) -> Any:
+    """The object saved in a torch file (a runner checkpoint, a state dict, a feature table: a dict unless
+    ``expected`` says otherwise, e.g. ``torch.Tensor``), loaded with ``weights_only=True``.
+
+    Raises :class:`CheckpointMismatch` naming ``label`` (default: the path) if the file is missing,
+    refused by the weights-only unpickler, corrupt, or not an ``expected``.
+    """
     label = label or path
     try:
         loaded = torch.load(expand_path(path), map_location="cpu", weights_only=True)
@@ -32,23 +36,10 @@ def read_torch_file(path: str, label: Optional[str] = None) -> dict:
     except Exception as exc:  # unpickling refused or corrupt file
         raise CheckpointMismatch(f"{label}: cannot load as a weights-only torch checkpoint "
                                  f"({type(exc).__name__}: {exc})") from None
-    if not isinstance(loaded, dict):
-        raise CheckpointMismatch(f"{label}: expected a dict (a state dict or a checkpoint), got {type(loaded).__name__}")
+    if not isinstance(loaded, expected):
+        what = "a dict (a state dict or a checkpoint)" if expected is dict else f"a {expected.__name__}"
+        raise CheckpointMismatch(f"{label}: expected {what}, got {type(loaded).__name__}")
     return loaded
-
-
-def load_torch_file(path: str) -> dict:
-    """A LAVIS-layout state dict from a checkpoint file (``weights_only=True``: no pickled code) or a
-    transformers BLIP-2 folder (``config.json`` + safetensors/bin), converted in memory.
-
-    The one state-dict loading path of our models; see :func:`lever_plugins.models.convert_blip2.read_checkpoint`.
-    """
-    from lever_plugins.models.convert_blip2 import ConversionError, read_checkpoint
-
-    try:
-        return read_checkpoint(path)
-    except ConversionError as exc:
-        raise CheckpointMismatch(str(exc)) from None
 
 
 def load_checked(
@@ -58,14 +49,17 @@ def load_checked(
     allowed_missing: Iterable[str] = (),
     ignored_unexpected: Iterable[str] = (),
     refuse_unexpected: bool = False,
+    shape_settings: str = "the model settings",
 ) -> tuple[list[str], list[str]]:
     """``load_state_dict(strict=False)`` that refuses to hide missing weights.
 
     Args:
-        allowed_missing: key prefixes that may be absent (weights new in this model, e.g. a plugin).
+        allowed_missing: key prefixes that may be absent (weights new in this model, e.g. a plugin, or
+            frozen weights a runner checkpoint does not save).
         ignored_unexpected: key prefixes of the checkpoint this model does not use (e.g. BLIP-2's ITM head).
         refuse_unexpected: other checkpoint keys the model lacks are an error too (a checkpoint of this
             model trained with another setting, e.g. with the plugin on), not a warning.
+        shape_settings: the settings that decide weight shapes, named when a shape differs.
 
     Returns:
         ``(missing, unexpected)`` after the allowances; raises :class:`CheckpointMismatch` if any other
@@ -78,15 +72,16 @@ def load_checked(
         shapes = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
         if not shapes:
             raise
-        raise CheckpointMismatch(f"{source}: {len(shapes)} weights of another shape than this model's (do model.vision / "
-                                 f"model.qformer / embed_dim match the checkpoint?): {'; '.join(shapes[:3])}"
+        raise CheckpointMismatch(f"{source}: {len(shapes)} weights of another shape than this model's (do {shape_settings} "
+                                 f"match the checkpoint?): {'; '.join(shapes[:3])}"
                                  + (f"; ... (+{len(shapes) - 3} more)" if len(shapes) > 3 else "")) from None
     missing = [k for k in result.missing_keys if not k.startswith(allowed_missing)]
     unexpected = [k for k in result.unexpected_keys if not k.startswith(ignored_unexpected)]
-    new_keys = [k for k in result.missing_keys if k.startswith(allowed_missing)]
-    if new_keys:
-        logger.info("%s: %d keys new in this model (not in the checkpoint): %s", source, len(new_keys), _summarise(new_keys))
-    if unexpected:
+    allowed = [k for k in result.missing_keys if k.startswith(allowed_missing)]
+    if allowed:
+        logger.info("%s: %d weights of this model not in the checkpoint, as allowed (new or frozen weights): %s",
+                    source, len(allowed), _summarise(allowed))
+    if unexpected and not refuse_unexpected:
         logger.warning("%s: %d unexpected keys ignored: %s", source, len(unexpected), _summarise(unexpected))
     if missing:
         raise CheckpointMismatch(f"{source}: {len(missing)} weights missing from the checkpoint: {_summarise(missing)}")
@@ -94,12 +89,6 @@ def load_checked(
         raise CheckpointMismatch(f"{source}: {len(unexpected)} checkpoint weights this model does not have "
                                  f"(trained with other model settings?): {_summarise(unexpected)}")
     return missing, unexpected
-
-
-# BLIP-2 checkpoint weights our retrieval models do not use: the ITM head and the Q-Former's
-# language-model head (retrieval never generates text; under DDP it would hold weights that never get a
-# gradient).
-BLIP2_UNUSED_KEYS = ("itm_head.", "Qformer.cls.")
 
 
 def _summarise(keys: list[str], limit: int = 8) -> str:

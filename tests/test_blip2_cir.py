@@ -127,16 +127,6 @@ def test_pretrained_checkpoint_may_lack_only_plugin_and_new_keys(tmp_path):
         build(pretrained=str(path))
 
 
-def test_frozen_vision_gets_no_gradient():
-    torch.manual_seed(0)
-    model = build(vision={"freeze": True})
-    model.train()
-    assert not model.visual_encoder.training
-    model(batch())["loss"].backward()
-    assert all(p.grad is None for p in model.visual_encoder.parameters())
-    assert model.ln_vision.weight.grad is not None
-
-
 @pytest.mark.slow
 def test_full_widths_and_local_eva_checkpoint(tmp_path):
     """The pretrain preset's real widths (ViT-g 1408, BERT-base 768, 32 queries), shallow, plus EVA loading."""

@@ -161,7 +161,7 @@ def test_duplicate_images_in_a_batch_are_positives_for_the_seps_loss():
     model = build(loss_itc_weight=0.0).train()
     out = model(batch(image_ids=(0, 0, 1, 2)))  # captions 0 and 1 belong to the same image
     sims, _ = model.seps_head(
-        model._head_image_tokens(model._vit_tokens(batch((0, 0, 1, 2))["image"])),
+        model._head_image_tokens(model.image_tokens(batch((0, 0, 1, 2))["image"])),
         *model.encode_texts(CAPTIONS)[:2],
         *model.encode_dense_texts([DENSE[0], DENSE[0], DENSE[1], DENSE[2]])[:2],
     )

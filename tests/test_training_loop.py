@@ -123,3 +123,30 @@ def test_every_schedule_a_recipe_accepts_exists_and_steps(name):
         for step in range(4):
             schedule.step(cur_epoch=epoch, cur_step=step)
             assert 0 < optimizer.param_groups[0]["lr"] <= 1e-3 + 1e-12
+
+
+def test_runner_checkpoint_must_match_the_model_except_its_frozen_weights(tmp_path):
+    """A resumed / best checkpoint holds exactly the trainable weights (the runner does not save frozen ones)."""
+    from lever_plugins.checkpoints import CheckpointMismatch
+    from lever_plugins.runners.runner import LeverRunner
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    model[0].requires_grad_(False)
+    saved = {"1.weight": torch.full((1, 4), 0.5), "1.bias": torch.full((1,), 2.0)}  # no frozen "0." weights
+    path = tmp_path / "checkpoint_last.pth"
+    torch.save({"model": saved, "epoch": 3}, path)
+    assert LeverRunner._read_checkpoint(model, str(path))["epoch"] == 3
+    assert torch.equal(model[1].bias, saved["1.bias"]) and torch.equal(model[1].weight, saved["1.weight"])
+
+    torch.save({"model": {"1.weight": saved["1.weight"]}}, path)
+    with pytest.raises(CheckpointMismatch, match=r"1 weights missing from the checkpoint: 1\.bias$"):
+        LeverRunner._read_checkpoint(model, str(path))
+    torch.save({"model": {**saved, "2.weight": torch.zeros(1)}}, path)
+    with pytest.raises(CheckpointMismatch, match=r"checkpoint weights this model does not have .*: 2\.weight$"):
+        LeverRunner._read_checkpoint(model, str(path))
+    torch.save(saved, path)
+    with pytest.raises(CheckpointMismatch, match=r"not a lever_runner checkpoint \(no 'model' state dict\)"):
+        LeverRunner._read_checkpoint(model, str(path))
+    path.write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointMismatch, match=r"cannot load as a weights-only torch checkpoint"):
+        LeverRunner._read_checkpoint(model, str(path))

@@ -25,7 +25,6 @@ nothing until it is trained.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any, Mapping, Optional, Sequence
 
@@ -34,18 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lever_plugins import catalog
-from lever_plugins.models.blip2_components import (
-    BLIP2_UNUSED_KEYS,
-    Blip2PluginModel,
-    build_qformer,
-    build_tokenizer,
-    build_vision_encoder,
-    freeze,
-    image_free_pass,
-    init_query_branch_from_text,
-    load_checked,
-    load_torch_file,
-)
+from lever_plugins.models.blip2_components import Blip2PluginModel, image_free_pass
 from lever_plugins.modules.gated_fusion import GatedFusionModule
 from lever_plugins.runners import distributed as lever_dist
 from lever_plugins.schemas.cir import Blip2CirSettings
@@ -59,49 +47,25 @@ PLUGIN_KEYS = ("gated_fusion.",)
 
 
 class Blip2CirModel(Blip2PluginModel):
-    """BLIP-2 composed image retrieval model (registered as ``lever_blip2_cir``).
+    """BLIP-2 composed image retrieval model (registered as ``lever_blip2_cir``)."""
 
-    Build it from settings (``Blip2CirModel(settings)``) or from a recipe's ``model:`` block
-    (``Blip2CirModel.from_config(cfg)``, as LAVIS does).
-    """
-
-    PRETRAINED_MODEL_CONFIG_DICT = catalog.preset_config_paths("lever_blip2_cir")
+    ARCH = "lever_blip2_cir"
+    PRETRAINED_MODEL_CONFIG_DICT = catalog.preset_config_paths(ARCH)
+    NEW_KEYS = CIR_NEW_KEYS
     OPTIONAL_PLUGIN_KEYS = PLUGIN_KEYS
 
     def __init__(self, settings: Blip2CirSettings):
         super().__init__()
-        self.settings = settings
-        self.tokenizer = build_tokenizer(settings.qformer)
-        self.visual_encoder, self.ln_vision = build_vision_encoder(settings.vision)
-        if settings.vision.freeze:
-            freeze(self.visual_encoder)
-        self.Qformer, self.query_tokens = build_qformer(settings.qformer, settings.vision.width, len(self.tokenizer))
-        init_query_branch_from_text(self.Qformer)
-        self.Qformer.cls = None  # retrieval never generates text
+        self.build_backbone(settings)
         hidden = settings.qformer.hidden_size
-        self.vision_proj = nn.Linear(hidden, settings.embed_dim)
-        self.text_proj = nn.Linear(hidden, settings.embed_dim)
-        self.temp = nn.Parameter(settings.temperature_init * torch.ones([]))
         self.prompt_tokens = nn.Parameter(torch.zeros(1, settings.qformer.num_query_token, hidden))
         self.prompt_tokens.data.normal_(mean=0.0, std=self.Qformer.config.initializer_range)
-        self.max_txt_len = settings.max_txt_len
-        # contrastive negatives from all ranks under torch.distributed (the task sets run.gather_negatives)
-        self.gather_negatives = True
         self.gated_fusion: Optional[GatedFusionModule] = None
         if settings.use_gated_fusion:
-            self.gated_fusion = GatedFusionModule.from_settings(
-                settings.gated_fusion, hidden_size=settings.vision.width, text_width=hidden
-            )
+            self.gated_fusion = GatedFusionModule(settings.vision.width, hidden, settings.gated_fusion)
         self.load_checkpoints()
 
     # ----------------------------------------------------------------------------------- building
-    def load_pretrained(self, path: str) -> None:
-        """Load a BLIP-2 checkpoint; only this model's new keys (and the ViT if loaded separately) may be missing."""
-        allowed = CIR_NEW_KEYS + PLUGIN_KEYS
-        if self.settings.vision.checkpoint:
-            allowed += ("visual_encoder.",)
-        load_checked(self, load_torch_file(path), path, allowed_missing=allowed, ignored_unexpected=BLIP2_UNUSED_KEYS)
-
     def param_groups_for_optimizer(self, weight_decay: float) -> list[dict]:
         """AdamW groups: the backbone at the base lr, the plugin at ``gated_fusion_lr_scale`` x it.
 
@@ -135,13 +99,6 @@ class Blip2CirModel(Blip2PluginModel):
         return self.tokenizer(
             list(texts), padding="max_length", truncation=True, max_length=self.max_txt_len, return_tensors="pt"
         ).to(self.device)
-
-    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` -> ``(B, 1 + patches, vision_width)`` (ViT + ln_vision)."""
-        context = torch.no_grad() if self.settings.vision.freeze else contextlib.nullcontext()
-        with context:
-            tokens = self.visual_encoder(images.to(self.device))
-        return self.ln_vision(tokens.float() if tokens.dtype != torch.float32 else tokens)
 
     def fused_image_tokens(self, image_embeds: torch.Tensor, text_tokens: Any, return_gate: bool = False):
         """Reference-image tokens after the gated-fusion plugin (unchanged when it is off)."""
@@ -184,13 +141,7 @@ class Blip2CirModel(Blip2PluginModel):
 
     def target_features(self, images: torch.Tensor) -> torch.Tensor:
         """Per-query target features ``(B, Q, E)`` (L2-normalised)."""
-        image_embeds = self.image_tokens(images)
-        query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
-        output = self.Qformer.bert(
-            query_embeds=query_tokens, encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts, return_dict=True
-        )
-        return F.normalize(self.vision_proj(output.last_hidden_state), dim=-1)
+        return self.query_features(self.image_tokens(images))
 
     @staticmethod
     def similarity(query_features: torch.Tensor, target_features: torch.Tensor) -> torch.Tensor:
@@ -206,6 +157,13 @@ class Blip2CirModel(Blip2PluginModel):
         return gate
 
     # ----------------------------------------------------------------------------------- training
+    def example_samples(self, batch_size: int = 2, seed: int = 0) -> dict:
+        """A random batch in the layout :meth:`forward` reads (the plugin contract test's input)."""
+        texts = ["make it blue", "change it to a square", "make it red", "move it to the top"]
+        return {"reference_image": self.example_images(batch_size, seed),
+                "target_image": self.example_images(batch_size, seed + 1),
+                "text_input": [texts[i % len(texts)] for i in range(batch_size)]}
+
     def forward(self, samples: Mapping[str, Any]) -> dict:
         """Training losses for a batch of triplets.
 

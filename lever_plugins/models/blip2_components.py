@@ -7,20 +7,18 @@ tiny model builds offline in milliseconds and the full one loads every weight fr
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from functools import partial
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lever_plugins.compat import import_lavis
-from lever_plugins.checkpoints import (  # noqa: F401  (re-exported for tests and plugin code)
-    BLIP2_UNUSED_KEYS,
-    CheckpointMismatch,
-    load_checked,
-    load_torch_file,
-)
+from lever_plugins.checkpoints import CheckpointMismatch, load_checked
+from lever_plugins.models.convert_blip2 import ConversionError, read_checkpoint
 from lever_plugins.schema import expand_path
 from lever_plugins.schemas.blip2 import QformerSettings, VisionSettings
 
@@ -33,6 +31,25 @@ from lavis.models.eva_vit import VisionTransformer, convert_weights_to_fp16, int
 from transformers import BertTokenizer  # noqa: E402
 
 logger = logging.getLogger(__name__)
+
+# BLIP-2 checkpoint weights our retrieval models do not use: the ITM head and the Q-Former's
+# language-model head (retrieval never generates text; under DDP it would hold weights that never get a
+# gradient).
+BLIP2_UNUSED_KEYS = ("itm_head.", "Qformer.cls.")
+# the settings that decide a BLIP-2 weight's shape (named when a checkpoint's shapes differ)
+BLIP2_SHAPE_SETTINGS = "model.vision / model.qformer / embed_dim"
+
+
+def load_torch_file(path: str) -> dict:
+    """A LAVIS-layout state dict from a checkpoint file (``weights_only=True``: no pickled code) or a
+    transformers BLIP-2 folder (``config.json`` + safetensors/bin), converted in memory.
+
+    The one state-dict loading path of our models; see :func:`lever_plugins.models.convert_blip2.read_checkpoint`.
+    """
+    try:
+        return read_checkpoint(path)
+    except ConversionError as exc:
+        raise CheckpointMismatch(str(exc)) from None
 
 
 def build_tokenizer(settings: QformerSettings) -> BertTokenizer:
@@ -61,7 +78,8 @@ def build_vision_encoder(settings: VisionSettings) -> tuple[nn.Module, nn.Module
         state_dict = load_torch_file(settings.checkpoint)
         interpolate_pos_embed(encoder, state_dict)
         # LAVIS drops EVA's last block and its head/norm; those checkpoint keys are expected extras.
-        load_checked(encoder, state_dict, settings.checkpoint, ignored_unexpected=("blocks.", "head.", "norm.", "fc_norm."))
+        load_checked(encoder, state_dict, settings.checkpoint, ignored_unexpected=("blocks.", "head.", "norm.", "fc_norm."),
+                 shape_settings=BLIP2_SHAPE_SETTINGS)
     if settings.precision == "fp16" and torch.cuda.is_available():
         convert_weights_to_fp16(encoder)
     return encoder, LayerNorm(settings.width)
@@ -162,16 +180,23 @@ def freeze(module: nn.Module) -> None:
 
 
 class Blip2PluginModel(BaseModel):
-    """What our BLIP-2-based LAVIS models share: validated ``from_config``, a frozen ViT that stays in
-    eval mode, and checkpoint loading (``pretrained`` then ``finetuned``) that never hides missing weights.
+    """What our BLIP-2-based LAVIS models share: the BLIP-2 backbone, validated ``from_config``, a frozen
+    ViT that stays in eval mode, and checkpoint loading (``pretrained`` then ``finetuned``) that never
+    hides missing weights.
 
-    Subclasses set ``self.settings`` (with ``vision``, ``pretrained``, ``finetuned``) and implement
-    :meth:`load_pretrained`. A ``finetuned`` checkpoint (ours, or SPRC's ``{"epoch", "<class>": ...}``)
-    loads strictly: every weight present, no weight of another configuration, except the BLIP-2 heads
-    we drop and, when the checkpoint has none of them, the weights of ``OPTIONAL_PLUGIN_KEYS`` (a
-    baseline checkpoint starting a plugin run; plugins are the identity at initialisation).
+    Build one from settings (``Model(settings)``) or from a recipe's ``model:`` block
+    (``Model.from_config(cfg)``, as LAVIS does).
+
+    A subclass's ``__init__`` calls :meth:`build_backbone` first, adds its own modules, then calls
+    :meth:`load_checkpoints`. ``NEW_KEYS``: key prefixes of its own weights (a BLIP-2 checkpoint has none
+    of them). A ``finetuned`` checkpoint (ours, or SPRC's ``{"epoch", "<class>": ...}``) loads strictly:
+    every weight present, no weight of another configuration, except the BLIP-2 heads we drop and, when
+    the checkpoint has none of them, the weights of ``OPTIONAL_PLUGIN_KEYS`` (a baseline checkpoint
+    starting a plugin run; plugins are the identity at initialisation).
     """
 
+    ARCH: str = ""  # the LAVIS registry name (catalog row), for error messages
+    NEW_KEYS: tuple[str, ...] = ()
     OPTIONAL_PLUGIN_KEYS: tuple[str, ...] = ()
 
     @classmethod
@@ -181,8 +206,37 @@ class Blip2PluginModel(BaseModel):
 
         return cls(model_settings_from_config(cfg))
 
-    def load_pretrained(self, path: str) -> None:
-        raise NotImplementedError
+    def example_images(self, batch_size: int, seed: int) -> torch.Tensor:
+        """``(batch_size, 3, S, S)`` random pixels at this model's image size (for :meth:`example_samples`)."""
+        size = self.settings.vision.image_size
+        return torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+    # ----------------------------------------------------------------------------------- building
+    def build_backbone(self, settings: Any) -> None:
+        """Set ``self.settings`` and the BLIP-2 parts: tokenizer, ViT + ``ln_vision`` (frozen with
+        ``vision.freeze``), Q-Former + ``query_tokens`` (query FFN copied from the text FFN, LM head
+        dropped), ``vision_proj`` / ``text_proj`` (``hidden_size -> embed_dim``) and the ITC ``temp``.
+
+        The order is fixed: it decides the random initialisation and the state-dict order.
+        """
+        problems = list(settings.problems())
+        if problems:
+            raise ValueError(f"{self.ARCH}: " + "; ".join(problems))
+        self.settings = settings
+        self.tokenizer = build_tokenizer(settings.qformer)
+        self.visual_encoder, self.ln_vision = build_vision_encoder(settings.vision)
+        if settings.vision.freeze:
+            freeze(self.visual_encoder)
+        self.Qformer, self.query_tokens = build_qformer(settings.qformer, settings.vision.width, len(self.tokenizer))
+        init_query_branch_from_text(self.Qformer)
+        self.Qformer.cls = None  # retrieval never generates text
+        hidden = settings.qformer.hidden_size
+        self.vision_proj = nn.Linear(hidden, settings.embed_dim)
+        self.text_proj = nn.Linear(hidden, settings.embed_dim)
+        self.temp = nn.Parameter(settings.temperature_init * torch.ones([]))
+        self.max_txt_len = settings.max_txt_len
+        # contrastive negatives from all ranks under torch.distributed (the task sets run.gather_negatives)
+        self.gather_negatives = True
 
     def load_checkpoints(self) -> None:
         """Load ``settings.pretrained`` (a BLIP-2 checkpoint), then ``settings.finetuned`` (one of ours)."""
@@ -194,8 +248,27 @@ class Blip2PluginModel(BaseModel):
             plugin_keys = self.OPTIONAL_PLUGIN_KEYS
             if plugin_keys and not any(key.startswith(plugin_keys) for key in state_dict):
                 allowed += plugin_keys
-            load_checked(self, state_dict, self.settings.finetuned, allowed_missing=allowed,
+            load_checked(self, state_dict, self.settings.finetuned, allowed_missing=allowed, shape_settings=BLIP2_SHAPE_SETTINGS,
                          ignored_unexpected=BLIP2_UNUSED_KEYS, refuse_unexpected=True)
+
+    def load_pretrained(self, path: str) -> None:
+        """Load a BLIP-2 checkpoint; only ``NEW_KEYS``, the plugin's and (when loaded on its own,
+        ``vision.checkpoint``) the ViT's weights may be missing.
+
+        A ViT position embedding of another resolution (BLIP-2 pretrains at 224 px) is interpolated to
+        ``vision.image_size``, as LAVIS does for its 364-px retrieval models.
+        """
+        state_dict = dict(load_torch_file(path))
+        key = "visual_encoder.pos_embed"
+        if key in state_dict and state_dict[key].shape != self.visual_encoder.pos_embed.shape:
+            resized = {"pos_embed": state_dict[key]}
+            interpolate_pos_embed(self.visual_encoder, resized)
+            state_dict[key] = resized["pos_embed"]
+        allowed = self.NEW_KEYS + self.OPTIONAL_PLUGIN_KEYS
+        if self.settings.vision.checkpoint:
+            allowed += ("visual_encoder.",)
+        load_checked(self, state_dict, path, allowed_missing=allowed, ignored_unexpected=BLIP2_UNUSED_KEYS,
+                     shape_settings=BLIP2_SHAPE_SETTINGS)
 
     def _frozen_keys(self) -> tuple[str, ...]:
         # Runner checkpoints omit frozen weights (as LAVIS's do), so they may be missing there.
@@ -207,3 +280,28 @@ class Blip2PluginModel(BaseModel):
             self.visual_encoder.eval()  # a frozen ViT keeps its eval behaviour (drop-path off)
         return self
 
+    # ----------------------------------------------------------------------------------- encoders
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` -> ``(B, 1 + N, vision.width)``: ViT + ``ln_vision`` (no grad when frozen)."""
+        size = self.settings.vision.image_size
+        if images.dim() != 4 or tuple(images.shape[-2:]) != (size, size):
+            raise ValueError(
+                f"{self.ARCH}: images must be (B, 3, {size}, {size}) for model.vision.image_size={size}, got "
+                f"shape {tuple(images.shape)}; set the dataset's image_size to {size}"
+            )
+        context = torch.no_grad() if self.settings.vision.freeze else contextlib.nullcontext()
+        # An fp16 ViT (vision.precision, on cuda) gets fp16 pixels, so it also runs without run.amp.
+        dtype = self.visual_encoder.patch_embed.proj.weight.dtype
+        with context:
+            tokens = self.visual_encoder(images.to(self.device, dtype=dtype))
+        return self.ln_vision(tokens.float() if tokens.dtype != torch.float32 else tokens)
+
+    def query_features(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """BLIP-2's image features: the query tokens over ``image_embeds`` ``(B, N, vision.width)`` ->
+        ``vision_proj`` -> ``(B, Q, embed_dim)``, L2-normalised."""
+        query_tokens = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        output = self.Qformer.bert(
+            query_embeds=query_tokens, encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts, return_dict=True
+        )
+        return F.normalize(self.vision_proj(output.last_hidden_state), dim=-1)

@@ -17,14 +17,14 @@ word tokens projected to embed_size"):
 Training loss: ``SEPSLoss(head sims, keep decisions, image ids) + loss_itc_weight * ITC`` where ITC is
 BLIP-2's image-text contrastive loss (max over the query features of the image vs the text [CLS]
 feature, learnable temperature), with every caption of the same image counted as a positive (soft
-targets, as BLIP's retrieval fine-tuning does). Negatives are in-batch, per process (no all-gather).
+targets, as BLIP's retrieval fine-tuning does). Negatives are in-batch: every rank's batch under
+torch.distributed (``run.gather_negatives``).
 
 Evaluation (driven by ``lever_seps_retrieval``) uses :meth:`encode_images`, :meth:`encode_texts`,
 :meth:`encode_dense_texts`, :meth:`head_similarity` and :meth:`itc_similarity`.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -33,22 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lever_plugins import catalog
-from lever_plugins.models.blip2_components import (
-    BLIP2_UNUSED_KEYS,
-    Blip2PluginModel,
-    build_qformer,
-    build_tokenizer,
-    build_vision_encoder,
-    freeze,
-    init_query_branch_from_text,
-    load_checked,
-    load_torch_file,
-)
+from lever_plugins.models.blip2_components import Blip2PluginModel
 from lever_plugins.modules.seps import CrossSparseAggrNet, SEPSLoss
 from lever_plugins.runners import distributed as lever_dist
 from lever_plugins.schemas.seps_retrieval import Blip2SepsSettings
-
-from lavis.models.eva_vit import interpolate_pos_embed  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -75,60 +63,24 @@ class ImageTokens(NamedTuple):
 
 
 class Blip2SepsModel(Blip2PluginModel):
-    """BLIP-2 retrieval model with the SEPS head (registered as ``lever_blip2_seps``).
+    """BLIP-2 retrieval model with the SEPS head (registered as ``lever_blip2_seps``)."""
 
-    Build it from settings (``Blip2SepsModel(settings)``) or from a recipe's ``model:`` block
-    (``Blip2SepsModel.from_config(cfg)``, as LAVIS does).
-    """
-
-    PRETRAINED_MODEL_CONFIG_DICT = catalog.preset_config_paths("lever_blip2_seps")
+    ARCH = "lever_blip2_seps"
+    PRETRAINED_MODEL_CONFIG_DICT = catalog.preset_config_paths(ARCH)
+    NEW_KEYS = SEPS_NEW_KEYS
 
     def __init__(self, settings: Blip2SepsSettings):
         super().__init__()
-        problems = list(settings.problems())
-        if problems:
-            raise ValueError("lever_blip2_seps: " + "; ".join(problems))
-        self.settings = settings
-        self.tokenizer = build_tokenizer(settings.qformer)
-        self.visual_encoder, self.ln_vision = build_vision_encoder(settings.vision)
-        if settings.vision.freeze:
-            freeze(self.visual_encoder)
-        self.Qformer, self.query_tokens = build_qformer(settings.qformer, settings.vision.width, len(self.tokenizer))
-        init_query_branch_from_text(self.Qformer)
-        self.Qformer.cls = None
-        hidden = settings.qformer.hidden_size
-        self.vision_proj = nn.Linear(hidden, settings.embed_dim)
-        self.text_proj = nn.Linear(hidden, settings.embed_dim)
-        self.temp = nn.Parameter(settings.temperature_init * torch.ones([]))
-
+        self.build_backbone(settings)
         embed_size = settings.seps_head.embed_size
         self.image_token_proj = nn.Linear(settings.vision.width, embed_size)
-        self.word_proj = nn.Linear(hidden, embed_size)
-        self.seps_head = CrossSparseAggrNet.from_settings(settings.seps_head)
-        self.seps_loss = SEPSLoss.from_settings(settings.seps_loss)
-        self.max_txt_len = settings.max_txt_len
+        self.word_proj = nn.Linear(settings.qformer.hidden_size, embed_size)
+        self.seps_head = CrossSparseAggrNet(settings.seps_head)
+        self.seps_loss = SEPSLoss(settings.seps_loss)
         self.max_dense_txt_len = settings.max_dense_txt_len
-        # contrastive negatives from all ranks under torch.distributed (the task sets run.gather_negatives)
-        self.gather_negatives = True
-
         self.load_checkpoints()
 
     # ----------------------------------------------------------------------------------- building
-    def load_pretrained(self, path: str) -> None:
-        """Load a BLIP-2 checkpoint; only the head and its projections (and a separately loaded ViT) may be missing.
-
-        A ViT position embedding of another resolution (BLIP-2 pretrains at 224 px) is interpolated to
-        ``vision.image_size``, as LAVIS does for its 364-px retrieval models.
-        """
-        state_dict = dict(load_torch_file(path))
-        key = "visual_encoder.pos_embed"
-        if key in state_dict and state_dict[key].shape != self.visual_encoder.pos_embed.shape:
-            resized = {"pos_embed": state_dict[key]}
-            interpolate_pos_embed(self.visual_encoder, resized)
-            state_dict[key] = resized["pos_embed"]
-        allowed = SEPS_NEW_KEYS + (("visual_encoder.",) if self.settings.vision.checkpoint else ())
-        load_checked(self, state_dict, path, allowed_missing=allowed, ignored_unexpected=BLIP2_UNUSED_KEYS)
-
     def head_parameter_count(self) -> int:
         """Parameters of the plugin: the head and the two projections into it."""
         modules = (self.seps_head, self.image_token_proj, self.word_proj)
@@ -159,35 +111,11 @@ class Blip2SepsModel(Blip2PluginModel):
         return out
 
     # ----------------------------------------------------------------------------------- encoders
-    def _vit_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` -> ``(B, 1 + N, vision.width)``: ViT + ``ln_vision`` (no grad when frozen)."""
-        size = self.settings.vision.image_size
-        if images.dim() != 4 or tuple(images.shape[-2:]) != (size, size):
-            raise ValueError(
-                f"lever_blip2_seps: images must be (B, 3, {size}, {size}) for model.vision.image_size={size}, got "
-                f"shape {tuple(images.shape)}; set the dataset's image_size to {size}"
-            )
-        context = torch.no_grad() if self.settings.vision.freeze else contextlib.nullcontext()
-        # An fp16 ViT (vision.precision, on cuda) gets fp16 pixels, so it also runs without run.amp.
-        dtype = self.visual_encoder.patch_embed.proj.weight.dtype
-        with context:
-            tokens = self.visual_encoder(images.to(self.device, dtype=dtype))
-        return self.ln_vision(tokens.float() if tokens.dtype != torch.float32 else tokens)
-
     def _head_image_tokens(self, vit_tokens: torch.Tensor) -> torch.Tensor:
         """ViT tokens -> head tokens ``(B, N(+1), embed_size)`` (CLS kept only when ``has_cls``)."""
         if not self.settings.seps_head.has_cls:
             vit_tokens = vit_tokens[:, 1:]
         return self.image_token_proj(vit_tokens)
-
-    def _itc_image_features(self, vit_tokens: torch.Tensor) -> torch.Tensor:
-        """BLIP-2 query features ``(B, Q, embed_dim)``, L2-normalised."""
-        query_tokens = self.query_tokens.expand(vit_tokens.shape[0], -1, -1)
-        image_atts = torch.ones(vit_tokens.shape[:-1], dtype=torch.long, device=vit_tokens.device)
-        output = self.Qformer.bert(
-            query_embeds=query_tokens, encoder_hidden_states=vit_tokens, encoder_attention_mask=image_atts, return_dict=True
-        )
-        return F.normalize(self.vision_proj(output.last_hidden_state), dim=-1)
 
     def _encode_text(self, texts: Sequence[str], max_length: int) -> TextTokens:
         tokens = self.tokenizer(
@@ -201,8 +129,8 @@ class Blip2SepsModel(Blip2PluginModel):
 
     def encode_images(self, images: torch.Tensor) -> ImageTokens:
         """Head tokens ``(B, N(+1), C)`` and ITC query features ``(B, Q, E)`` of a batch of images."""
-        vit_tokens = self._vit_tokens(images)
-        return ImageTokens(self._head_image_tokens(vit_tokens), self._itc_image_features(vit_tokens))
+        vit_tokens = self.image_tokens(images)
+        return ImageTokens(self._head_image_tokens(vit_tokens), self.query_features(vit_tokens))
 
     def encode_texts(self, texts: Sequence[str]) -> TextTokens:
         """Caption word tokens ``(B, L_s, C)``, lengths ``(B,)`` and ITC features ``(B, E)``."""
@@ -267,6 +195,16 @@ class Blip2SepsModel(Blip2PluginModel):
         t2i = -(F.log_softmax(t2i_logits, dim=1) * targets).sum(dim=1).mean()
         return (i2t + t2i) / 2
 
+    def example_samples(self, batch_size: int = 2, seed: int = 0) -> dict:
+        """A random batch in the layout :meth:`forward` reads (the plugin contract test's input)."""
+        captions = ["a red square on the left", "a blue circle at the top", "a green shape in the middle"]
+        dense = ["a large red square sits on the left side of a plain picture",
+                 "a small blue circle is drawn near the top edge", "a green triangle stands in the middle"]
+        return {"image": self.example_images(batch_size, seed),
+                "text_input": [captions[i % len(captions)] for i in range(batch_size)],
+                "dense_text": [dense[i % len(dense)] for i in range(batch_size)],
+                "image_id": torch.arange(batch_size)}
+
     def forward(self, samples: Mapping[str, Any]) -> dict:
         """Training losses for a batch of (image, caption, dense caption of the image, image id) samples.
 
@@ -287,11 +225,11 @@ class Blip2SepsModel(Blip2PluginModel):
                 raise KeyError(f"lever_blip2_seps.forward: batch has no {key!r} (got {sorted(samples)})")
         image_ids = torch.as_tensor(samples["image_id"], device=self.device)
         gather = self.gather_negatives and lever_dist.world_size() > 1
-        vit_tokens = self._vit_tokens(samples["image"])
+        vit_tokens = self.image_tokens(samples["image"])
         image_tokens = self._head_image_tokens(vit_tokens)
         captions = self.encode_texts(samples["text_input"])
         # Dense captions only guide the selection; without score gradients (the default) they get none.
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.seps_head.selection_score_grad):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.seps_head.settings.selection_score_grad):
             dense = self.encode_dense_texts(samples["dense_text"])
         head_inputs = (image_tokens, captions.embeddings, captions.lengths, dense.embeddings, dense.lengths, image_ids)
         if gather:
@@ -318,7 +256,7 @@ class Blip2SepsModel(Blip2PluginModel):
         }
         loss = loss_seps
         if self.settings.loss_itc_weight > 0:
-            loss_itc = self.itc_loss(self._itc_image_features(vit_tokens), captions.itc, image_ids, gather=gather)
+            loss_itc = self.itc_loss(self.query_features(vit_tokens), captions.itc, image_ids, gather=gather)
             loss = loss + self.settings.loss_itc_weight * loss_itc
             out["loss_itc"] = loss_itc.detach()
         masks = score_mask if isinstance(score_mask, (tuple, list)) else () if score_mask is None else (score_mask,)

@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 
+from lever_plugins.checkpoints import CheckpointMismatch, read_torch_file
 from lever_plugins.schema import expand_path
 
 LAVIS_TEMP_INIT = 0.07  # Blip2Qformer's initial temperature
@@ -446,11 +447,6 @@ def recipe_settings_for(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ files
-def is_transformers_folder(path: str) -> bool:
-    resolved = expand_path(path)
-    return os.path.isdir(resolved) and os.path.isfile(os.path.join(resolved, CONFIG_FILE))
-
-
 class _LazyTensors(Mapping):
     """name -> tensor over safetensors files, read on access (unused language-model weights never are)."""
 
@@ -530,16 +526,11 @@ def read_transformers_folder(path: str) -> tuple[dict[str, Any], Mapping[str, to
 
 
 def _torch_load(path: str, label: Optional[str] = None) -> dict:
-    label = label or path
+    """:func:`~lever_plugins.checkpoints.read_torch_file`, its error as this module's :class:`ConversionError`."""
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ConversionError(f"{label}: checkpoint file not found") from None
-    except Exception as exc:  # unpickling refused or corrupt file
-        raise ConversionError(f"{label}: cannot load as a weights-only torch checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(loaded, dict):
-        raise ConversionError(f"{label}: expected a state dict or a dict with 'model', got {type(loaded).__name__}")
-    return loaded
+        return read_torch_file(path, label)
+    except CheckpointMismatch as exc:
+        raise ConversionError(str(exc)) from None
 
 
 def load_transformers_folder(path: str, *, temp: Optional[float] = LAVIS_TEMP_INIT) -> tuple[dict, ConversionReport]:

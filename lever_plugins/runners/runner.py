@@ -31,6 +31,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
+from lever_plugins.checkpoints import CheckpointMismatch, load_checked, read_torch_file
 from lever_plugins.compat import import_lavis
 from lever_plugins.io import atomic_output, write_text_atomic
 
@@ -74,6 +75,37 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+
+def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """The AdamW parameter groups of ``model``: its own ``param_groups_for_optimizer(weight_decay)`` if it
+    has one (groups may carry ``lr_scale``), else LAVIS's rule (no decay on biases, norms and other 1-d
+    weights). Frozen parameters (``requires_grad=False``) are in no group."""
+    if hasattr(model, "param_groups_for_optimizer"):
+        return model.param_groups_for_optimizer(weight_decay)
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim < 2 or "bias" in name or "ln" in name or "bn" in name or "norm" in name.lower():
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict:
+    """What a run checkpoint keeps of ``model``: every entry of its state dict but the frozen parameters
+    (they come from ``pretrained`` again when the model is built)."""
+    frozen = {k for k, v in model.named_parameters() if not v.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k not in frozen}
+
+
+def load_run_weights(model: torch.nn.Module, state_dict: dict, source: str) -> None:
+    """Load a :func:`trainable_state_dict` into ``model``: every weight of this model and no other, except
+    the frozen ones (a :class:`CheckpointMismatch` otherwise)."""
+    frozen = tuple(name for name, param in model.named_parameters() if not param.requires_grad)
+    load_checked(model, state_dict, source, allowed_missing=frozen, refuse_unexpected=True)
+
 class LeverRunner(RunnerBase):
     """Registered as ``lever_runner``; selected by ``run.runner`` in a recipe."""
 
@@ -86,12 +118,15 @@ class LeverRunner(RunnerBase):
     # ------------------------------------------------------------------------------ set-up
     @property
     def run_cfg(self):
+        """The ``run:`` block with every :class:`~lever_plugins.schemas.run.RunSettings` key: our CLI runs the
+        resolved recipe, and ``LeverTask.setup_task`` fills the defaults into a recipe that LAVIS's own
+        train.py runs, so keys are read directly (no second copy of the defaults here)."""
         return self.config.run_cfg
 
     @property
     def device(self) -> torch.device:
         if self._device is None:
-            requested = self.run_cfg.get("device", "auto")
+            requested = self.run_cfg.device
             if requested == "auto":
                 requested = "cuda" if torch.cuda.is_available() else "cpu"
             if requested == "cuda" and lever_dist.is_initialized():
@@ -111,7 +146,7 @@ class LeverRunner(RunnerBase):
                 device_ids = [self.device.index] if self.device.type == "cuda" else None
                 self._wrapped_model = DDP(
                     self._model, device_ids=device_ids,
-                    find_unused_parameters=bool(self.run_cfg.get("find_unused_parameters", False)),
+                    find_unused_parameters=bool(self.run_cfg.find_unused_parameters),
                 )
             else:
                 self._wrapped_model = self._model
@@ -129,34 +164,20 @@ class LeverRunner(RunnerBase):
     @property
     def optimizer(self):
         if self._optimizer is None:
-            weight_decay = float(self.run_cfg.weight_decay)
-            unwrapped = self.unwrap_dist_model(self.model)
-            if hasattr(unwrapped, "param_groups_for_optimizer"):
-                groups = unwrapped.param_groups_for_optimizer(weight_decay)
-            else:
-                # LAVIS's rule: no decay on biases, norms and other 1-d parameters
-                decay, no_decay = [], []
-                for name, param in self.model.named_parameters():
-                    if not param.requires_grad:
-                        continue
-                    if param.ndim < 2 or "bias" in name or "ln" in name or "bn" in name or "norm" in name.lower():
-                        no_decay.append(param)
-                    else:
-                        decay.append(param)
-                groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups = optimizer_param_groups(self.unwrap_dist_model(self.model), float(self.run_cfg.weight_decay))
             self._optimizer = torch.optim.AdamW(
                 groups,
                 lr=float(self.run_cfg.init_lr),
-                betas=(float(self.run_cfg.get("beta1", 0.9)), float(self.run_cfg.get("beta2", 0.999))),
-                eps=float(self.run_cfg.get("adam_eps", 1e-8)),
+                betas=(float(self.run_cfg.beta1), float(self.run_cfg.beta2)),
+                eps=float(self.run_cfg.adam_eps),
             )
             logger.info("trainable parameters: %d", sum(p.numel() for g in groups for p in g["params"]))
         return self._optimizer
 
     @property
     def amp_dtype(self) -> Optional[torch.dtype]:
-        amp = self.run_cfg.get("amp", False)
-        if amp is False or amp is None:
+        amp = self.run_cfg.amp
+        if amp is False:
             return None
         if amp is True:
             return torch.float16 if self.device.type == "cuda" else torch.bfloat16
@@ -176,23 +197,23 @@ class LeverRunner(RunnerBase):
             self._lr_sched = scheduler_cls(
                 optimizer=self.optimizer,
                 max_epoch=self.max_epoch,
-                min_lr=float(self.run_cfg.get("min_lr", 0.0)),
+                min_lr=float(self.run_cfg.min_lr),
                 init_lr=float(self.run_cfg.init_lr),
-                decay_rate=float(self.run_cfg.get("lr_decay_rate", 1.0)),
-                warmup_start_lr=float(self.run_cfg.get("warmup_lr", -1)),
-                warmup_steps=int(self.run_cfg.get("warmup_steps", 0)),
+                decay_rate=float(self.run_cfg.lr_decay_rate),
+                warmup_start_lr=float(self.run_cfg.warmup_lr),
+                warmup_steps=int(self.run_cfg.warmup_steps),
                 iters_per_epoch=len(self.train_loader),
-                milestones=list(self.run_cfg.get("lr_milestones", []) or []),
-                gamma=float(self.run_cfg.get("lr_gamma", 0.1)),
+                milestones=list(self.run_cfg.lr_milestones),
+                gamma=float(self.run_cfg.lr_gamma),
                 # lever_onecycle_lr (torch's OneCycleLR over optimiser steps); LAVIS's schedules ignore these
                 accum_grad_iters=self.accum_grad_iters,
-                pct_start=float(self.run_cfg.get("onecycle_pct_start", 0.3)),
-                div_factor=float(self.run_cfg.get("onecycle_div_factor", 25.0)),
-                final_div_factor=float(self.run_cfg.get("onecycle_final_div_factor", 1e4)),
-                horizon_epochs=self.run_cfg.get("lr_horizon_epochs", None),
-                cycle_momentum=bool(self.run_cfg.get("onecycle_cycle_momentum", False)),
-                base_momentum=float(self.run_cfg.get("onecycle_base_momentum", 0.85)),
-                max_momentum=float(self.run_cfg.get("onecycle_max_momentum", 0.95)),
+                pct_start=float(self.run_cfg.onecycle_pct_start),
+                div_factor=float(self.run_cfg.onecycle_div_factor),
+                final_div_factor=float(self.run_cfg.onecycle_final_div_factor),
+                horizon_epochs=self.run_cfg.lr_horizon_epochs,
+                cycle_momentum=bool(self.run_cfg.onecycle_cycle_momentum),
+                base_momentum=float(self.run_cfg.onecycle_base_momentum),
+                max_momentum=float(self.run_cfg.onecycle_max_momentum),
             )
         return self._lr_sched
 
@@ -217,7 +238,7 @@ class LeverRunner(RunnerBase):
         sampler = None
         generator = None
         if is_train:
-            seed = int(self.run_cfg.get("seed", 42))
+            seed = int(self.run_cfg.seed)
             if self.use_distributed:
                 sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
             else:
@@ -227,7 +248,7 @@ class LeverRunner(RunnerBase):
         loader = DataLoader(
             dataset,
             batch_size=batch_size,
-            num_workers=int(self.run_cfg.get("num_workers", 0)),
+            num_workers=int(self.run_cfg.num_workers),
             pin_memory=self.device.type == "cuda",
             sampler=sampler,
             shuffle=is_train and sampler is None,
@@ -247,7 +268,7 @@ class LeverRunner(RunnerBase):
         if isinstance(loader.sampler, DistributedSampler):
             loader.sampler.set_epoch(epoch)
         elif loader.generator is not None:
-            loader.generator.manual_seed(int(self.run_cfg.get("seed", 42)) * 1000 + epoch)
+            loader.generator.manual_seed(int(self.run_cfg.seed) * 1000 + epoch)
 
     # ------------------------------------------------------------------------------ loop
     def train(self):
@@ -263,7 +284,7 @@ class LeverRunner(RunnerBase):
         # and the model before the runner exists, and that time belongs to the run.
         start_time = getattr(self.task, "started_at", None) or time.time()
         self.log_config()
-        if self.run_cfg.get("resume", False):
+        if self.run_cfg.resume:
             self._resume_from_last()
         elif self.resume_ckpt_path:
             self._load_checkpoint(self.resume_ckpt_path)
@@ -344,19 +365,13 @@ class LeverRunner(RunnerBase):
         return model.module if isinstance(model, DDP) else model
 
     # ------------------------------------------------------------------------------ checkpoints
-    def _trainable_state_dict(self) -> dict:
-        model = self.unwrap_dist_model(self.model)
-        trainable = {k for k, v in model.named_parameters() if v.requires_grad}
-        frozen = {k for k, v in model.named_parameters() if not v.requires_grad}
-        return {k: v for k, v in model.state_dict().items() if k in trainable or k not in frozen}
-
     def _save_checkpoint(self, cur_epoch, is_best=False):
         if not lever_dist.is_main_process():
             return
         from omegaconf import OmegaConf
 
         payload = {
-            "model": self._trainable_state_dict(),
+            "model": trainable_state_dict(self.unwrap_dist_model(self.model)),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "config": OmegaConf.to_container(self.config.config, resolve=True),
@@ -370,28 +385,25 @@ class LeverRunner(RunnerBase):
         atomic_torch_save(payload, os.path.join(self.output_dir, name))
         logger.info("saved %s (epoch %s)", name, cur_epoch)
 
-    def _load_weights(self, model, state_dict: dict, source: str) -> None:
-        frozen = {k for k, v in model.named_parameters() if not v.requires_grad}
-        result = model.load_state_dict(state_dict, strict=False)
-        missing = [k for k in result.missing_keys if k not in frozen]
-        if missing or result.unexpected_keys:
-            raise RuntimeError(
-                f"{source}: checkpoint does not match the model (missing {missing[:5]}, unexpected {result.unexpected_keys[:5]})"
-            )
+    @staticmethod
+    def _read_checkpoint(model, path: str) -> dict:
+        """A runner checkpoint, its weights loaded into ``model`` by :func:`load_run_weights`."""
+        checkpoint = read_torch_file(path)
+        if not isinstance(checkpoint.get("model"), dict):
+            raise CheckpointMismatch(f"{path}: not a lever_runner checkpoint (no 'model' state dict)")
+        load_run_weights(model, checkpoint["model"], path)
+        return checkpoint
 
     def best_model(self):
         """The model in memory (unwrapped) with ``checkpoint_best.pth``'s weights, loaded strictly."""
         return self._reload_best_model(self.unwrap_dist_model(self.model))
 
     def _reload_best_model(self, model):
-        path = os.path.join(self.output_dir, BEST_CHECKPOINT)
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        self._load_weights(model, checkpoint["model"], path)
+        self._read_checkpoint(model, os.path.join(self.output_dir, BEST_CHECKPOINT))
         return model
 
     def _load_checkpoint(self, path, restore_rng: bool = False):
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        self._load_weights(self.unwrap_dist_model(self.model), checkpoint["model"], path)
+        checkpoint = self._read_checkpoint(self.unwrap_dist_model(self.model), path)
         if checkpoint.get("optimizer") is not None:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scaler is not None and checkpoint.get("scaler"):
@@ -471,7 +483,7 @@ class LeverRunner(RunnerBase):
                         recipe = yaml.safe_load(handle) or {}
                     break
             trackers = self._trackers = start_trackers(str(self.output_dir), recipe, self.run_cfg,
-                                                       resume=bool(self.run_cfg.get("resume", False)))
+                                                       resume=bool(self.run_cfg.resume))
         return trackers
 
     def _finish_trackers(self, status: str) -> None:
