@@ -7,6 +7,7 @@ temporary name in the same directory and rename it into place (``os.replace`` is
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import tempfile
@@ -34,6 +35,13 @@ def atomic_output(path: PathLike) -> Iterator[str]:
 def write_bytes_atomic(path: PathLike, data: bytes) -> None:
     with atomic_output(path) as tmp, open(tmp, "wb") as stream:
         stream.write(data)
+
+
+def write_png_atomic(path: PathLike, image: Any) -> None:
+    """``image`` (a PIL image) encoded as PNG."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def write_text_atomic(path: PathLike, text: str) -> None:

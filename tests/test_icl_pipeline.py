@@ -17,7 +17,7 @@ import_lavis()
 pytestmark = pytest.mark.lavis
 
 from lever_plugins.cli import main  # noqa: E402
-from lever_plugins.datasets.vqa_icl import PointerBeamDataset  # noqa: E402
+from lever_plugins.icl.beam_dataset import PointerBeamDataset  # noqa: E402
 from lever_plugins.icl import embed as features  # noqa: E402
 from lever_plugins.icl import evaluate as icl_eval  # noqa: E402
 from lever_plugins.icl.data import BeamEntry, IclDataError, load_vqa_split  # noqa: E402
@@ -42,7 +42,7 @@ def test_presets_give_the_seed_sizes_and_forward_returns_loss_parts():
     assert _model("v2").parameter_count() == 197_760
     assert _model("v2", hidden_dim=256).parameter_count() == 592_128
     v2 = _model("v2")
-    assert v2.selector.config.label_smoothing == 0.1 and v2.selector.config.num_heads == 4
+    assert v2.selector.settings.label_smoothing == 0.1 and v2.selector.settings.num_heads == 4
     small = dict(d_model=16, hidden_dim=8, K=6, shot_num=2)
     batch = {"query_emb": torch.randn(3, 16), "cand_emb": torch.randn(3, 6, 16),
              "labels": torch.tensor([[0, 1], [2, 3], [5, 4]]), "beam_scores": torch.rand(3, 2)}
@@ -332,7 +332,8 @@ def test_demo_recipe_dry_run_plan():
     result = CliRunner().invoke(main, ["run", DEMO, "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "#   stages: embed -> beam_search -> train -> select -> evaluate" in result.output
-    assert "train: PointerSelectorV3(d_model=64, hidden_dim=64, K=32, shot_num=2)" in result.output
+    assert "#   selector: PointerSelectorV3(d_model=64, hidden_dim=64, K=32, shot_num=2): 12,480 parameters" in result.output
+    assert "#   train: the v3 selector on every kept beam of each query" in result.output
     bad = CliRunner().invoke(main, ["validate", DEMO, "--set", "run.stages=[train,embed]", "--set", "model.num_heads=2"])
     assert bad.exit_code == 2
     assert "error: " + DEMO + ": model.num_heads: read only by model_type v2 (this is v3); leave it out (or at its default, 4), or set model_type: v2" in bad.output

@@ -8,21 +8,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lever_plugins.modules.ranking import (
-    BeamScoreTransform,
+from lever_plugins.modules.radi import (
     adaptive_pairwise_distillation_loss,
-    beam_listwise_target,
     cold_list_probabilities,
-    hardest_negative_margin_loss,
     listmle_loss,
     listnet_loss,
-    listwise_beam_kl_loss,
-    masked_cross_entropy,
-    masked_logits_std,
     mc_pairwise_uncertainty,
     partial_listwise_distillation_loss,
     sample_cold_positions,
     sinkhorn_margin_weights,
+)
+from lever_plugins.modules.ranking import (
+    BeamScoreTransform,
+    beam_listwise_target,
+    hardest_negative_margin_loss,
+    listwise_beam_kl_loss,
+    masked_cross_entropy,
+    masked_logits_std,
 )
 
 NEG_INF = float("-inf")

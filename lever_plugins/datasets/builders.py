@@ -1,15 +1,17 @@
 """LAVIS dataset builders for our plugins (registered by ``lever_plugins.registry``).
 
-They build from local files only: no ``cache_root``, no download step. The builder's config node is
-validated against the dataset's settings dataclass, so a mistyped key fails instead of being ignored.
+They build from local files only: no ``cache_root``, no download step. Every builder subclasses
+:class:`LeverDatasetBuilder`: its config node is validated against the dataset's settings dataclass, so a
+mistyped key fails instead of being ignored.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from lever_plugins import catalog
 from lever_plugins.compat import import_lavis
+from lever_plugins.recipes import to_plain
 from lever_plugins.schema import RecipeError, expand_path, from_mapping
 from lever_plugins.schemas.cir import CirrDatasetSettings, FashionIQDatasetSettings
 
@@ -18,17 +20,35 @@ import_lavis()
 from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder  # noqa: E402
 
 from lever_plugins.runners import distributed as lever_dist  # noqa: E402
-from lever_plugins.tasks.base import to_plain  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 
-def _validated(settings_cls: type, cfg: Any, name: str):
-    problems: list[str] = []
-    settings = from_mapping(settings_cls, to_plain(cfg) or {}, f"datasets.{name}", problems)
-    if problems:
-        raise RecipeError(problems)
-    return settings
+class LeverDatasetBuilder(BaseDatasetBuilder):
+    """Base of our builders: ``name`` (the catalogue's dataset name) selects the default config, and the
+    config node is validated against ``settings_cls`` into ``self.settings``."""
+
+    name: str = ""
+    settings_cls: type
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            cls.DATASET_CONFIG_DICT = {"default": catalog.dataset_config_path(cls.name)}
+
+    def __init__(self, cfg=None):
+        super().__init__(cfg)
+        problems: list[str] = []
+        self.settings = from_mapping(self.settings_cls, to_plain(self.config) or {}, f"datasets.{self.name}", problems)
+        if problems:
+            raise RecipeError(problems)
+
+
+def on_main_process(write: Callable[[], Any]) -> None:
+    """``write()`` on the main process while the others wait (generated demo data is written once)."""
+    if lever_dist.is_main_process():
+        write()
+    lever_dist.barrier()
 
 
 def caption_processor(name: str):
@@ -38,14 +58,12 @@ def caption_processor(name: str):
     return {"blip_caption": blip_caption, "none": None}[name]
 
 
-class CirrBuilder(BaseDatasetBuilder):
+class CirrBuilder(LeverDatasetBuilder):
     """``lever_cirr``: CIRR triplets; val/test datasets carry their split's gallery as ``.gallery``."""
 
-    DATASET_CONFIG_DICT = {"default": catalog.dataset_config_path("lever_cirr")}
-
-    def __init__(self, cfg=None):
-        super().__init__(cfg)
-        self.settings: CirrDatasetSettings = _validated(CirrDatasetSettings, self.config, "lever_cirr")
+    name = "lever_cirr"
+    settings_cls = CirrDatasetSettings
+    settings: CirrDatasetSettings
 
     def build_datasets(self):
         from lever_plugins.datasets.cirr import CirrGalleryDataset, CirrTripletDataset
@@ -56,9 +74,7 @@ class CirrBuilder(BaseDatasetBuilder):
         if settings.generate_demo:
             from lever_plugins.datasets.demo_cirr import generate_demo_cirr
 
-            if lever_dist.is_main_process():
-                generate_demo_cirr(root, image_size=settings.image_size)
-            lever_dist.barrier()
+            on_main_process(lambda: generate_demo_cirr(root, image_size=settings.image_size))
         datasets = {}
         for split in settings.splits:
             train = split == "train"
@@ -75,15 +91,13 @@ class CirrBuilder(BaseDatasetBuilder):
         return datasets
 
 
-class FashionIQBuilder(BaseDatasetBuilder):
+class FashionIQBuilder(LeverDatasetBuilder):
     """``lever_fashioniq``: FashionIQ triplets. ``train`` holds every chosen category together; ``val``
     holds them too, with one gallery per category as ``.galleries`` (scored per category)."""
 
-    DATASET_CONFIG_DICT = {"default": catalog.dataset_config_path("lever_fashioniq")}
-
-    def __init__(self, cfg=None):
-        super().__init__(cfg)
-        self.settings: FashionIQDatasetSettings = _validated(FashionIQDatasetSettings, self.config, "lever_fashioniq")
+    name = "lever_fashioniq"
+    settings_cls = FashionIQDatasetSettings
+    settings: FashionIQDatasetSettings
 
     def build_datasets(self):
         from lever_plugins.datasets.fashioniq import FashionIqGalleryDataset, FashionIqTripletDataset

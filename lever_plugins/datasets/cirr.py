@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from PIL import Image
-from torch.utils.data import Dataset
-from torch.utils.data.dataloader import default_collate
 
+from lever_plugins.datasets.batching import CollatedDataset
 from lever_plugins.datasets.files import load_image, read_json
 
 CIRR_SPLITS = ("train", "val", "test1")
@@ -200,7 +199,7 @@ def load_cirr_image(path: Path, referenced_by: str) -> Image.Image:
     return load_image(path, referenced_by, CirrDataError)
 
 
-class CirrTripletDataset(Dataset):
+class CirrTripletDataset(CollatedDataset):
     """CIRR queries as training/evaluation samples.
 
     Item: ``{"reference_image": (3, H, W) tensor, "target_image": (3, H, W) tensor, "text_input":
@@ -260,12 +259,8 @@ class CirrTripletDataset(Dataset):
                 item["target_image"] = self._image(triplet.target, triplet.pair_id, "target_hard")
         return item
 
-    def collater(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        """Batch items (LAVIS datasets expose this name)."""
-        return default_collate(samples)
 
-
-class CirrGalleryDataset(Dataset):
+class CirrGalleryDataset(CollatedDataset):
     """Every image of a CIRR split, in ``image_splits`` file order: the retrieval gallery.
 
     Item: ``{"image": (3, H, W) tensor, "image_name": str}``.
@@ -299,7 +294,3 @@ class CirrGalleryDataset(Dataset):
         name = self.image_names[index]
         image = load_cirr_image(self.image_paths[name], f"{self._split_file} image {name!r}")
         return {"image": self.image_transform(image), "image_name": name}
-
-    def collater(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        """Batch items (LAVIS datasets expose this name)."""
-        return default_collate(samples)

@@ -34,17 +34,16 @@ a second call with the same parameters does nothing).
 """
 from __future__ import annotations
 
-import io
 import os
 import random
 import re
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Sequence, Union
 
 from PIL import Image, ImageDraw
 
-from lever_plugins.datasets.demo_root import DemoRoot
-from lever_plugins.io import write_bytes_atomic, write_json_atomic
+from lever_plugins.datasets.demo_root import DemoRoot, check_sizes
+from lever_plugins.io import write_bytes_atomic, write_json_atomic, write_png_atomic
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 COLOURS = {
@@ -150,19 +149,33 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: f
         raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
 
 
-def render_image(combo: Combo, image_size: int, rng: random.Random, supersample: int = 4) -> Image.Image:
-    """Draw one shape; ``rng`` supplies the jitter (centre, size, background shade)."""
-    shape, colour, position = combo
+def draw_scene(
+    shapes: Sequence[tuple[str, str, tuple[float, float]]],
+    image_size: int,
+    rng: random.Random,
+    jitter: float,
+    radius: tuple[float, float],
+    supersample: int = 4,
+) -> Image.Image:
+    """``(shape, colour, (fx, fy))`` shapes on a light grey square, drawn ``supersample`` times larger and
+    box-downsampled. ``rng`` supplies the background shade, then per shape its centre (``fx, fy`` as
+    fractions of the side, moved by up to ``jitter``) and its radius (a fraction in ``radius``)."""
     big = image_size * supersample
     shade = rng.randint(225, 250)
     image = Image.new("RGB", (big, big), (shade, shade, shade))
     draw = ImageDraw.Draw(image)
-    fx, fy = _POSITION_CENTRES[position]
-    cx = (fx + rng.uniform(-0.04, 0.04)) * big
-    cy = (fy + rng.uniform(-0.04, 0.04)) * big
-    r = rng.uniform(0.15, 0.19) * big
-    draw_shape(draw, shape, cx, cy, r, COLOURS[colour])
+    for shape, colour, (fx, fy) in shapes:
+        cx = (fx + rng.uniform(-jitter, jitter)) * big
+        cy = (fy + rng.uniform(-jitter, jitter)) * big
+        r = rng.uniform(*radius) * big
+        draw_shape(draw, shape, cx, cy, r, COLOURS[colour])
     return image.resize((image_size, image_size), Image.Resampling.BOX)
+
+
+def render_image(combo: Combo, image_size: int, rng: random.Random, supersample: int = 4) -> Image.Image:
+    """Draw one shape; ``rng`` supplies the jitter (centre, size, background shade)."""
+    shape, colour, position = combo
+    return draw_scene([(shape, colour, _POSITION_CENTRES[position])], image_size, rng, 0.04, (0.15, 0.19), supersample)
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -190,10 +203,8 @@ def _render_split(root: Path, split: str, renders: int, image_size: int, seed: i
         for render in range(renders):
             name = _image_name(split, combo, render)
             image = render_image(combo, image_size, random.Random(f"{seed}:{name}"))
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
             relative = _relative_path(split, combo_index, name)
-            write_bytes_atomic(root / relative, buffer.getvalue())
+            write_png_atomic(root / relative, image)
             relpaths[name] = relative
             names[combo].append(name)
     _write_json(root / "image_splits" / f"split.rc2.{split}.json", relpaths)
@@ -283,23 +294,10 @@ def generate_demo_cirr(
     Raises:
         FileExistsError: ``root`` holds other files and no demo marker (never overwrite real data).
     """
-    for label, value, least in (
-        ("num_train", num_train, 1),
-        ("num_val", num_val, 1),
-        ("num_test", num_test, 1),
-        ("image_size", image_size, 8),
-        ("train_renders", train_renders, 1),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{label} must be an integer >= {least}, got {value!r}")
-    params = {
-        "num_train": num_train,
-        "num_val": num_val,
-        "num_test": num_test,
-        "image_size": image_size,
-        "seed": int(seed),
-        "train_renders": train_renders,
-    }
+    sizes = {"num_train": num_train, "num_val": num_val, "num_test": num_test, "image_size": image_size,
+             "train_renders": train_renders}
+    check_sizes(sizes, least={"image_size": 8})
+    params = {**sizes, "seed": int(seed)}
     expected_marker = {"generator": __name__, "format": _FORMAT_VERSION, "params": params, "complete": True}
     root = Path(root)
     demo = DemoRoot(root, MARKER_NAME, _OWNED, expected_marker, "CIRR")

@@ -23,17 +23,16 @@ Layout written under ``root`` (what :mod:`lever_plugins.datasets.retrieval` read
 """
 from __future__ import annotations
 
-import io
 import os
 import random
 from pathlib import Path
 from typing import Any, Union
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from lever_plugins.datasets.demo_cirr import COLOURS, SHAPES, draw_shape
-from lever_plugins.datasets.demo_root import DemoRoot
-from lever_plugins.io import write_bytes_atomic, write_json_atomic
+from lever_plugins.datasets.demo_cirr import COLOURS, SHAPES, draw_scene
+from lever_plugins.datasets.demo_root import DemoRoot, check_sizes
+from lever_plugins.io import write_json_atomic, write_png_atomic
 
 POSITIONS = ("left", "top", "right", "bottom")  # also the order objects are listed in a dense caption
 PLACE_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
@@ -84,21 +83,8 @@ def short_caption(objects: list[DemoObject], rng: random.Random) -> str:
 
 def render_objects(objects: list[DemoObject], image_size: int, rng: random.Random, supersample: int = 4) -> Image.Image:
     """Draw the objects; ``rng`` supplies the jitter (centres, sizes, background shade)."""
-    big = image_size * supersample
-    shade = rng.randint(225, 250)
-    image = Image.new("RGB", (big, big), (shade, shade, shade))
-    draw = ImageDraw.Draw(image)
-    for shape, colour, place in objects:
-        fx, fy = _CENTRES[place]
-        cx = (fx + rng.uniform(-0.03, 0.03)) * big
-        cy = (fy + rng.uniform(-0.03, 0.03)) * big
-        r = rng.uniform(0.13, 0.16) * big
-        draw_shape(draw, shape, cx, cy, r, COLOURS[colour])
-    return image.resize((image_size, image_size), Image.Resampling.BOX)
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    write_json_atomic(path, payload, indent=1)
+    shapes = [(shape, colour, _CENTRES[place]) for shape, colour, place in objects]
+    return draw_scene(shapes, image_size, rng, 0.03, (0.13, 0.16), supersample)
 
 
 def _generate_split(root: Path, split: str, count: int, image_size: int, seed: int, dense: dict[str, str]) -> None:
@@ -108,9 +94,7 @@ def _generate_split(root: Path, split: str, count: int, image_size: int, seed: i
         objects = random_objects(rng)
         name = f"{split}-{index:05d}"
         relative = f"{split}/{name}.png"
-        buffer = io.BytesIO()
-        render_objects(objects, image_size, random.Random(f"{seed}:{name}:render")).save(buffer, format="PNG")
-        write_bytes_atomic(root / "images" / relative, buffer.getvalue())
+        write_png_atomic(root / "images" / relative, render_objects(objects, image_size, random.Random(f"{seed}:{name}:render")))
         captions: list[str] = []
         while len(captions) < CAPTIONS_PER_IMAGE:  # five different captions (there are always more than five)
             caption = short_caption(objects, rng)
@@ -121,7 +105,7 @@ def _generate_split(root: Path, split: str, count: int, image_size: int, seed: i
             annotations.extend({"image": relative, "caption": c, "image_id": name} for c in captions)
         else:
             annotations.append({"image": relative, "caption": captions})
-    _write_json(root / "annotations" / f"{split}.json", annotations)
+    write_json_atomic(root / "annotations" / f"{split}.json", annotations, indent=1)
 
 
 def generate_demo_retrieval(
@@ -148,15 +132,9 @@ def generate_demo_retrieval(
     Raises:
         FileExistsError: ``root`` holds other files and no demo marker (real data is never overwritten).
     """
-    for label, value, least in (
-        ("num_train", num_train, 1),
-        ("num_val", num_val, 1),
-        ("num_test", num_test, 1),
-        ("image_size", image_size, 8),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{label} must be an integer >= {least}, got {value!r}")
-    params = {"num_train": num_train, "num_val": num_val, "num_test": num_test, "image_size": image_size, "seed": int(seed)}
+    sizes = {"num_train": num_train, "num_val": num_val, "num_test": num_test, "image_size": image_size}
+    check_sizes(sizes, least={"image_size": 8})
+    params = {**sizes, "seed": int(seed)}
     expected_marker = {"generator": __name__, "format": _FORMAT_VERSION, "params": params, "complete": True}
     root = Path(root)
     demo = DemoRoot(root, MARKER_NAME, _OWNED, expected_marker, "retrieval")
@@ -165,6 +143,6 @@ def generate_demo_retrieval(
     dense: dict[str, str] = {}
     for split, count in zip(SPLITS, (num_train, num_val, num_test)):
         _generate_split(root, split, count, image_size, int(seed), dense)
-    _write_json(root / "dense_captions.json", dense)
+    write_json_atomic(root / "dense_captions.json", dense, indent=1)
     demo.finish()
     return root

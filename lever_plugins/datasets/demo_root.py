@@ -10,9 +10,21 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from lever_plugins.io import write_json_atomic
+
+
+def check_sizes(sizes: Mapping[str, Any], least: Mapping[str, int]) -> None:
+    """Each ``sizes[name]`` must be an integer (not a bool) of at least ``least.get(name, 1)``.
+
+    Raises:
+        ValueError: naming the first that is not.
+    """
+    for label, value in sizes.items():
+        minimum = least.get(label, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{label} must be an integer >= {minimum}, got {value!r}")
 
 
 class DemoRoot:

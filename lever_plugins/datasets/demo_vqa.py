@@ -34,7 +34,7 @@ import os
 import random
 import shutil
 import tempfile
-from typing import Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 from lever_plugins.io import write_json_atomic
 
@@ -110,19 +110,20 @@ def _split(subtype: str, count: int, first_image_id: int, colours: dict[str, str
     )
 
 
-def build_demo_tokenizer(*, add_bos: bool = True, split_capitalised: bool = False):
-    """Word-level ``PreTrainedTokenizerFast`` over :func:`demo_words` (built offline, no download).
+def build_demo_tokenizer(*, add_bos: bool = True, split_capitalised: bool = False, words: Optional[Sequence[str]] = None):
+    """Word-level ``PreTrainedTokenizerFast`` over ``words`` (default :func:`demo_words`; built offline, no download).
 
     Args:
         add_bos: prepend ``<s>`` to every encoded text (the demo's VLM is trained with it).
         split_capitalised: a capitalised word is always a token of its own (``"redQuestion"`` -> ``red``,
             ``Question``), even when nothing separates it from the word before.
+        words: the vocabulary after the special tokens and ``"\n"`` (the caption demo passes its own).
     """
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<unk>", "<s>", "</s>"]
-    vocab = {token: i for i, token in enumerate([*specials, "\n", *demo_words()])}
+    vocab = {token: i for i, token in enumerate([*specials, "\n", *(demo_words() if words is None else words)])}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     # Newlines are tokens (they separate demonstrations); spaces only separate words.
     splits = [
@@ -139,10 +140,9 @@ def build_demo_tokenizer(*, add_bos: bool = True, split_capitalised: bool = Fals
     )
 
 
-def _lm_sequence(tokenizer, rng: random.Random) -> tuple[list[int], int]:
-    """A random-world training sequence in the pipeline's prompt format; returns (ids, answer position).
-
-    The answer is followed by the separator token, so the model learns to end its answer.
+def _lm_sequence(tokenizer, rng: random.Random) -> tuple[list[int], list[int]]:
+    """A random-world training sequence in the pipeline's prompt format; returns (ids, target positions):
+    the answer's and the separator's after it, so the model learns to end its answer.
     """
     from lever_plugins.schemas.icl import VlmSettings
 
@@ -158,11 +158,19 @@ def _lm_sequence(tokenizer, rng: random.Random) -> tuple[list[int], int]:
     prompt = template.separator.join([*demos, template.query_template.format(question=question(query))])
     # The answer, then the separator: the model learns to end its answer where a demonstration's ends.
     ids = tokenizer(prompt)["input_ids"] + tokenizer(" " + world[query] + template.separator, add_special_tokens=False)["input_ids"]
-    return ids, len(ids) - 2
+    return ids, [len(ids) - 2, len(ids) - 1]
 
 
-def train_demo_lm(out_dir: str, steps: int = 300, seed: int = 0, batch_size: int = 32, lr: float = 3e-3) -> dict:
+def train_demo_lm(
+    out_dir: str, steps: int = 300, seed: int = 0, batch_size: int = 32, lr: float = 3e-3, *,
+    words: Optional[Sequence[str]] = None, sequence: Optional[Callable] = None,
+) -> dict:
     """Train the tiny in-context copier (see the module docstring) and save it with its tokenizer.
+
+    Args:
+        words: tokenizer vocabulary (default :func:`demo_words`).
+        sequence: ``(tokenizer, rng) -> (ids, target positions)``, one training sequence (default: the
+            VQA demo's random worlds); the loss is the cross-entropy of the target tokens.
 
     Returns:
         ``{"steps", "final_loss", "parameters"}``.
@@ -170,7 +178,8 @@ def train_demo_lm(out_dir: str, steps: int = 300, seed: int = 0, batch_size: int
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = build_demo_tokenizer()
+    sequence = sequence or _lm_sequence
+    tokenizer = build_demo_tokenizer(words=words)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=4, max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
@@ -184,16 +193,17 @@ def train_demo_lm(out_dir: str, steps: int = 300, seed: int = 0, batch_size: int
         rng = random.Random(f"lm:{seed}")
         loss_value = float("nan")
         for step in range(steps):
-            rows = [_lm_sequence(tokenizer, rng) for _ in range(batch_size)]
+            rows = [sequence(tokenizer, rng) for _ in range(batch_size)]
             length = max(len(ids) for ids, _ in rows)
             ids = torch.full((batch_size, length), tokenizer.pad_token_id, dtype=torch.long)
             for i, (row, _) in enumerate(rows):
                 ids[i, :len(row)] = torch.tensor(row)
-            answer_pos = torch.tensor([pos for _, pos in rows])
             logits = model(input_ids=ids).logits
-            # Loss on the query's answer (the one token the context determines) and on the separator after it.
-            rows_index = torch.arange(batch_size).repeat(2)
-            positions = torch.cat([answer_pos, answer_pos + 1])
+            # Loss on the targets (VQA: the query's answer, the one token the context determines, and the
+            # separator after it), gathered target slot by slot: every row's first target, then every second...
+            slots = range(max(len(targets) for _, targets in rows))
+            rows_index = torch.tensor([i for j in slots for i, (_, t) in enumerate(rows) if j < len(t)])
+            positions = torch.tensor([t[j] for j in slots for _, t in rows if j < len(t)])
             loss = torch.nn.functional.cross_entropy(logits[rows_index, positions - 1], ids[rows_index, positions])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

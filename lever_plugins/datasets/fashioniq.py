@@ -33,9 +33,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
-from torch.utils.data.dataloader import default_collate
 
+from lever_plugins.datasets.batching import CollatedDataset
 from lever_plugins.datasets.files import load_image, read_json
 from lever_plugins.datasets.text import blip_caption
 
@@ -199,7 +198,7 @@ def train_caption(captions: Sequence[str], choice: Optional[int] = None) -> str:
     return train_caption_forms(captions)[choice]
 
 
-class FashionIqTripletDataset(Dataset):
+class FashionIqTripletDataset(CollatedDataset):
     """FashionIQ queries of one split over one or more categories (concatenated in the given order).
 
     Item: ``{"reference_image": (3, H, W) tensor, "target_image": (3, H, W) tensor (if
@@ -287,12 +286,8 @@ class FashionIqTripletDataset(Dataset):
                 item["target_image"] = self._image(triplet, triplet.target, "target")
         return item
 
-    def collater(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        """Batch items (LAVIS datasets expose this name)."""
-        return default_collate(samples)
 
-
-class FashionIqGalleryDataset(Dataset):
+class FashionIqGalleryDataset(CollatedDataset):
     """Every image of one category's split, in ``image_splits`` file order: that category's gallery.
 
     Item: ``{"image": (3, H, W) tensor, "image_name": str}``.
@@ -330,7 +325,3 @@ class FashionIqGalleryDataset(Dataset):
         path = image_file(self.root, name, self.image_extension)
         image = load_image(path, f"{self._split_file} image {name!r}", FashionIqDataError)
         return {"image": self.image_transform(image), "image_name": name}
-
-    def collater(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        """Batch items (LAVIS datasets expose this name)."""
-        return default_collate(samples)

@@ -26,11 +26,10 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 from PIL import Image
-from torch.utils.data import Dataset
-from torch.utils.data.dataloader import default_collate
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from lever_plugins.datasets.batching import CollatedDataset
 from lever_plugins.datasets.files import load_image, one_line
 from lever_plugins.datasets.files import read_json as _read_json
 from lever_plugins.datasets.transforms import CLIP_MEAN, CLIP_STD, to_rgb
@@ -232,7 +231,27 @@ def retrieval_image_transform(image_size: int, augment: Augment = "none") -> T.C
     return T.Compose(steps)
 
 
-class RetrievalTrainDataset(Dataset):
+class _AnnotatedImages(CollatedDataset):
+    """Entries of one annotation file, their images under ``image_root`` and one dense caption each."""
+
+    def __init__(self, image_root: PathLike, entries: Sequence, dense_texts: Sequence[str],
+                 transform: Callable[[Image.Image], Any], annotation_path: PathLike, counted: str) -> None:
+        if len(dense_texts) != len(entries):
+            raise ValueError(f"{len(entries)} {counted} but {len(dense_texts)} dense captions")
+        self.image_root = Path(image_root)
+        self.entries = list(entries)
+        self.transform = transform
+        self.annotation_path = annotation_path
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _image(self, relative: str, index: int) -> Any:
+        """``(3, H, W)``: the transformed image of entry ``index``; errors name the annotation file and entry."""
+        return self.transform(load_retrieval_image(self.image_root / relative, f"{self.annotation_path} entry {index}"))
+
+
+class RetrievalTrainDataset(_AnnotatedImages):
     """(image, caption, dense caption of the image, image index) training samples.
 
     Item: ``{"image": (3, H, W), "text_input": str, "dense_text": str, "image_id": int}`` where
@@ -255,36 +274,23 @@ class RetrievalTrainDataset(Dataset):
         transform: Callable[[Image.Image], Any],
         annotation_path: PathLike = "<annotations>",
     ) -> None:
-        if len(dense_texts) != len(entries):
-            raise ValueError(f"{len(entries)} entries but {len(dense_texts)} dense captions")
-        self.image_root = Path(image_root)
-        self.entries = list(entries)
+        super().__init__(image_root, entries, dense_texts, transform, annotation_path, "entries")
         self.dense_texts = list(dense_texts)
-        self.transform = transform
-        self.annotation_path = annotation_path
         self.image_index: dict[Union[str, int], int] = {}
         for entry in self.entries:
             self.image_index.setdefault(entry.image_id, len(self.image_index))
 
-    def __len__(self) -> int:
-        return len(self.entries)
-
     def __getitem__(self, index: int) -> dict[str, Any]:
         entry = self.entries[index]
-        image = load_retrieval_image(self.image_root / entry.image, f"{self.annotation_path} entry {index}")
         return {
-            "image": self.transform(image),
+            "image": self._image(entry.image, index),
             "text_input": entry.caption,
             "dense_text": self.dense_texts[index],
             "image_id": self.image_index[entry.image_id],
         }
 
-    def collater(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        """Batch items (LAVIS datasets expose this name)."""
-        return default_collate(samples)
 
-
-class RetrievalEvalDataset(Dataset):
+class RetrievalEvalDataset(_AnnotatedImages):
     """The images of a val/test split, with every caption and each image's dense caption as attributes.
 
     Items are images: ``{"image": (3, H, W), "index": int}``. Attributes (LAVIS's
@@ -311,13 +317,8 @@ class RetrievalEvalDataset(Dataset):
         split: str = "test",
         annotation_path: PathLike = "<annotations>",
     ) -> None:
-        if len(dense_texts) != len(entries):
-            raise ValueError(f"{len(entries)} images but {len(dense_texts)} dense captions")
-        self.image_root = Path(image_root)
-        self.entries = list(entries)
-        self.transform = transform
+        super().__init__(image_root, entries, dense_texts, transform, annotation_path, "images")
         self.split = split
-        self.annotation_path = annotation_path
         self.image = [entry.image for entry in self.entries]
         self.dense_text = list(dense_texts)
         self.text: list[str] = []
@@ -330,16 +331,8 @@ class RetrievalEvalDataset(Dataset):
         self.protocol = "flickr"
         self.fold_images: Optional[int] = None
 
-    def __len__(self) -> int:
-        return len(self.entries)
-
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image = load_retrieval_image(self.image_root / self.image[index], f"{self.annotation_path} entry {index}")
-        return {"image": self.transform(image), "index": index}
-
-    def collater(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        """Batch items (LAVIS datasets expose this name)."""
-        return default_collate(samples)
+        return {"image": self._image(self.image[index], index), "index": index}
 
 
 def resolve_under(root: PathLike, value: str) -> Path:
@@ -361,7 +354,7 @@ def build_split(
     policy_key: str = "missing_dense_caption",
     max_train_samples: Optional[int] = None,
     max_eval_images: Optional[int] = None,
-) -> Dataset:
+) -> CollatedDataset:
     """One split as a dataset: :class:`RetrievalTrainDataset` for ``train``, else :class:`RetrievalEvalDataset`.
 
     Limits (``max_*``) are applied before the dense captions and image files are checked.
@@ -370,28 +363,23 @@ def build_split(
     if not image_root.is_dir():
         raise RetrievalDataError(f"{image_root}: image folder not found (the dataset's `images` key)")
     annotation_path = resolve_under(root, annotation_file)
-    if split == "train":
-        entries = load_train_annotations(annotation_path)
-        if max_train_samples is not None:
-            entries = entries[:max_train_samples]
-        paths = [entry.image for entry in entries]
-        check_images_exist(image_root, paths, annotation_path)
-        dense_texts = dense_captions_for(
-            paths, dense, dense_path=dense_path, annotation_path=annotation_path, policy=missing_dense_caption,
-            policy_key=policy_key,
-        )
-        return RetrievalTrainDataset(
-            image_root, entries, dense_texts, retrieval_image_transform(image_size, train_augment), annotation_path
-        )
-    eval_entries = load_eval_annotations(annotation_path)
-    if max_eval_images is not None:
-        eval_entries = eval_entries[:max_eval_images]
-    paths = [entry.image for entry in eval_entries]
+    train = split == "train"
+    entries: Sequence[Union[TrainEntry, EvalEntry]] = (
+        load_train_annotations(annotation_path) if train else load_eval_annotations(annotation_path)
+    )
+    limit = max_train_samples if train else max_eval_images
+    if limit is not None:
+        entries = entries[:limit]
+    paths = [entry.image for entry in entries]
     check_images_exist(image_root, paths, annotation_path)
     dense_texts = dense_captions_for(
         paths, dense, dense_path=dense_path, annotation_path=annotation_path, policy=missing_dense_caption,
         policy_key=policy_key,
     )
+    if train:
+        return RetrievalTrainDataset(
+            image_root, entries, dense_texts, retrieval_image_transform(image_size, train_augment), annotation_path
+        )
     return RetrievalEvalDataset(
-        image_root, eval_entries, dense_texts, retrieval_image_transform(image_size, "none"), split, annotation_path
+        image_root, entries, dense_texts, retrieval_image_transform(image_size, "none"), split, annotation_path
     )

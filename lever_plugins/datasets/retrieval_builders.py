@@ -2,7 +2,7 @@
 
 They build from local files only (no ``cache_root``, no download). The config node is validated
 against :class:`~lever_plugins.schemas.seps_retrieval.RetrievalDatasetSettings` (COCO: the subclass
-with ``fold_images``), so a mistyped key fails instead of being ignored. Val/test datasets carry
+with ``fold_images``; :class:`~lever_plugins.datasets.builders.LeverDatasetBuilder`). Val/test datasets carry
 ``protocol`` (``"flickr"`` or ``"coco"``) and ``fold_images``, which the task reads to add the COCO
 1K-fold metrics.
 """
@@ -11,33 +11,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from lever_plugins import catalog
-from lever_plugins.compat import import_lavis
-from lever_plugins.schema import RecipeError, expand_path, from_mapping
+from lever_plugins.datasets.builders import LeverDatasetBuilder, on_main_process
+from lever_plugins.schema import expand_path
 from lever_plugins.schemas.seps_retrieval import CocoRetrievalDatasetSettings, RetrievalDatasetSettings
-
-import_lavis()
-
-from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder  # noqa: E402
-
-from lever_plugins.runners import distributed as lever_dist  # noqa: E402
-from lever_plugins.tasks.base import to_plain  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 
-class _RetrievalBuilder(BaseDatasetBuilder):
-    name: str = ""
+class _RetrievalBuilder(LeverDatasetBuilder):
     settings_cls: type = RetrievalDatasetSettings
     protocol: str = "flickr"
-
-    def __init__(self, cfg=None):
-        super().__init__(cfg)
-        problems: list[str] = []
-        settings = from_mapping(self.settings_cls, to_plain(self.config) or {}, f"datasets.{self.name}", problems)
-        if problems:
-            raise RecipeError(problems)
-        self.settings = settings
 
     def build_datasets(self) -> dict[str, Any]:
         from lever_plugins.datasets.retrieval import build_split, load_dense_captions, resolve_under
@@ -47,9 +30,7 @@ class _RetrievalBuilder(BaseDatasetBuilder):
         if settings.generate_demo:
             from lever_plugins.datasets.demo_retrieval import generate_demo_retrieval
 
-            if lever_dist.is_main_process():
-                generate_demo_retrieval(root, image_size=settings.image_size)
-            lever_dist.barrier()
+            on_main_process(lambda: generate_demo_retrieval(root, image_size=settings.image_size))
         dense_path = resolve_under(root, settings.dense_captions)
         dense = load_dense_captions(dense_path)
         datasets = {}
@@ -83,7 +64,6 @@ class Flickr30kRetrievalBuilder(_RetrievalBuilder):
     """``lever_flickr30k``: Flickr30K Karpathy splits (29k / 1k / 1k images, 5 captions each)."""
 
     name = "lever_flickr30k"
-    DATASET_CONFIG_DICT = {"default": catalog.dataset_config_path("lever_flickr30k")}
 
 
 class CocoRetrievalBuilder(_RetrievalBuilder):
@@ -92,4 +72,3 @@ class CocoRetrievalBuilder(_RetrievalBuilder):
     name = "lever_coco"
     settings_cls = CocoRetrievalDatasetSettings
     protocol = "coco"
-    DATASET_CONFIG_DICT = {"default": catalog.dataset_config_path("lever_coco")}
