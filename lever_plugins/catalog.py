@@ -40,6 +40,9 @@ class PluginSpec:
     settings: Optional[str] = None  # "module:Class" of the settings dataclass (recipe schema)
     recipe_block: str = ""  # where in a recipe the settings live
     model_types: tuple[str, ...] = field(default=())  # for models: presets under configs/models/
+    # for models: the presets that build on a CPU in seconds from no files (demos use them; the plugin
+    # contract test, tests/test_plugin_contract.py, builds, trains and reloads each)
+    tiny_model_types: tuple[str, ...] = field(default=())
     # for tasks: "module:function" taking the resolved recipe dict, returning problems between blocks
     cross_check: Optional[str] = None
     # "module:function" taking the resolved recipe dict, returning the --dry-run plan lines of this plugin
@@ -98,6 +101,7 @@ PLUGINS: tuple[PluginSpec, ...] = (
         settings="lever_plugins.schemas.cir:Blip2CirSettings",
         recipe_block="model",
         model_types=("tiny", "pretrain"),
+        tiny_model_types=("tiny",),
         describe="lever_plugins.schemas.cir:describe_plan",
     ),
     PluginSpec(
@@ -154,6 +158,7 @@ PLUGINS: tuple[PluginSpec, ...] = (
         settings="lever_plugins.schemas.seps_retrieval:Blip2SepsSettings",
         recipe_block="model",
         model_types=("tiny", "pretrain"),
+        tiny_model_types=("tiny",),
         describe="lever_plugins.schemas.seps_retrieval:describe_plan",
     ),
     PluginSpec(
@@ -189,20 +194,30 @@ PLUGINS: tuple[PluginSpec, ...] = (
         settings="lever_plugins.schemas.icl:PointerSelectorSettings",
         recipe_block="model",
         model_types=("v1", "v2", "v3"),
+        tiny_model_types=("v1", "v2", "v3"),
+        describe="lever_plugins.schemas.pointer:describe_plan",
     ),
     PluginSpec(
         kind="dataset",
         name="lever_vqa_icl",
-        target="lever_plugins.datasets.icl_builders:VqaIclBuilder",
+        target="lever_plugins.icl.builder:VqaIclBuilder",
         purpose="VQAv2 / OK-VQA questions + annotations with beam-search files and cached features (or the generated demo)",
         settings="lever_plugins.schemas.icl:VqaIclDatasetSettings",
         recipe_block="datasets.lever_vqa_icl",
     ),
     PluginSpec(
+        kind="dataset",
+        name="lever_coco_caption_icl",
+        target="lever_plugins.icl.builder:CocoCaptionIclBuilder",
+        purpose="COCO captions (Karpathy dataset_coco.json + images) for ICD selection scored by CIDEr, with beam-search files and cached features (or the generated demo)",
+        settings="lever_plugins.schemas.icl:CocoCaptionIclDatasetSettings",
+        recipe_block="datasets.lever_coco_caption_icl",
+    ),
+    PluginSpec(
         kind="task",
         name="lever_icl_selection",
         target="lever_plugins.tasks.icl_selection:IclSelectionTask",
-        purpose="ICD selection pipeline: embed -> beam search (VLM scorer) -> train selector -> select -> VQA accuracy vs zero-shot/random/RICES",
+        purpose="ICD selection pipeline: embed -> beam search (VLM scorer) -> train selector -> select -> VQA accuracy (captioning: CIDEr) vs zero-shot/random/RICES",
         settings="lever_plugins.schemas.icl:IclSelectionRunSettings",
         recipe_block="run",
         cross_check="lever_plugins.icl.plan:cross_block_problems",
@@ -238,6 +253,8 @@ def _row_problems(spec: PluginSpec, taken: dict) -> list[str]:
             problems.append(f"{label} must be 'module:attribute', got {value!r}")
     if spec.target is None:
         problems.append("target is required")
+    if not set(spec.tiny_model_types) <= set(spec.model_types):
+        problems.append(f"tiny_model_types {list(spec.tiny_model_types)} must be among model_types {list(spec.model_types)}")
     if spec.model_types or spec.kind == "dataset":
         root = spec.config_root
         if root is None or not os.path.isabs(root):
@@ -306,13 +323,6 @@ def plugin_load_errors() -> list[str]:
     """One line per plugin package entry point or row that could not be used."""
     external_plugins()
     return list(_load_errors)
-
-
-def reload_external_plugins() -> tuple[PluginSpec, ...]:
-    """Forget the loaded plugin packages and read the entry points again (after installing one)."""
-    global _external
-    _external = None
-    return external_plugins()
 
 
 def all_plugins() -> tuple[PluginSpec, ...]:

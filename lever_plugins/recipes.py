@@ -9,9 +9,10 @@ saves next to its outputs. Nothing here imports torch or LAVIS.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Tuple
+from typing import Any, Iterable, Mapping, Optional, Tuple
 
 import yaml
 
@@ -260,6 +261,32 @@ def resolve_model_block(block: Mapping, problems: list[str]) -> Any:
     return _settings_block(spec, _deep_merge(preset, block), "model", problems)
 
 
+def resolve_dataset_block(name: str, block: Optional[Mapping], problems: list[str]) -> tuple[dict, Any]:
+    """``(merged block, settings)`` of ``datasets.<name>``: the builder's defaults under the block's keys."""
+    default_path = catalog.dataset_config_path(name)
+    defaults = load_yaml(default_path).get("datasets", {}).get(name, {}) if os.path.isfile(default_path) else {}
+    merged = _deep_merge(defaults, block or {})
+    return merged, _settings_block(catalog.get_plugin("dataset", name), merged, f"datasets.{name}", problems)
+
+
+def cross_block_problems_of_config(cfg: Any, run: Mapping) -> list[str]:
+    """The run task's checks across blocks (its catalogue ``cross_check``) on a LAVIS config, whose
+    ``model:`` and ``datasets:`` blocks may lack the preset and default keys (LAVIS's own ``train.py``
+    never resolves a recipe); ``run`` is the validated ``run:`` block. Problems of a single block are
+    left to the builders."""
+    problems: list[str] = []
+    data: dict = {"run": dict(run), "datasets": {}}
+    model = resolve_model_block(dict(to_plain(cfg.model_cfg)), problems)
+    for name, block in (to_plain(getattr(cfg, "datasets_cfg", None)) or {}).items():
+        data["datasets"][name], settings = resolve_dataset_block(name, block, problems)
+        if settings is not None and dataclasses.is_dataclass(settings):
+            data["datasets"][name] = settings.to_dict()
+    if problems or model is None:
+        return []
+    data["model"] = model.to_dict()
+    return catalog.get_plugin("task", data["run"]["task"]).cross_block_problems(data)
+
+
 def _settings_block(spec: catalog.PluginSpec, data: Any, path: str, problems: list[str]) -> Any:
     cls, problem = spec.settings_class_or_problem()
     if problem:
@@ -296,11 +323,7 @@ def resolve(recipe: Mapping, source: str = "<recipe>", *, check_paths: bool = Fa
         problems.append("datasets: at least one dataset is required")
     for name, block in recipe["datasets"].items():
         try:
-            default_path = catalog.dataset_config_path(name)
-            defaults = load_yaml(default_path).get("datasets", {}).get(name, {}) if os.path.isfile(default_path) else {}
-            merged = _deep_merge(defaults, block or {})
-            data["datasets"][name] = merged
-            dataset_settings[name] = _settings_block(catalog.get_plugin("dataset", name), merged, f"datasets.{name}", problems)
+            data["datasets"][name], dataset_settings[name] = resolve_dataset_block(name, block, problems)
         except RecipeError as exc:
             problems.extend(exc.problems)
 

@@ -13,6 +13,7 @@ Pure Python: no torch, no LAVIS, so ``lever-plugins validate`` stays fast.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import difflib
 import os
 import re
@@ -121,6 +122,8 @@ def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
             )
         return value
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):  # built, so already checked
+            return value
         return from_mapping(tp, value, path, problems)
     if origin in (list, Sequence, tuple) or tp in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -170,6 +173,11 @@ def _bound_problems(name: str, value: Any, meta: Mapping[str, Any]) -> Iterator[
         yield f"{name}: must be < {meta['lt']}, got {value!r}"
 
 
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls: type) -> dict:
+    return typing.get_type_hints(cls)
+
+
 class Settings:
     """Base for settings dataclasses: bounds are enforced at construction.
 
@@ -183,8 +191,16 @@ class Settings:
             raise ValueError(f"{type(self).__name__}: " + "; ".join(problems))
 
     def problems(self) -> Iterator[str]:
+        # settings built in Python get a recipe's type and choice checks too: a misspelt choice would
+        # otherwise pick another branch without a word
+        hints = _type_hints(type(self))
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            yield from _bound_problems(f.name, getattr(self, f.name), f.metadata)
+            value = getattr(self, f.name)
+            type_problems: list[str] = []
+            _convert(value, hints[f.name], f.name, type_problems)
+            yield from type_problems
+            if not type_problems:
+                yield from _bound_problems(f.name, value, f.metadata)
         yield from self.extra_problems()
 
     def extra_problems(self) -> Iterator[str]:
@@ -268,11 +284,17 @@ def expand_path(value: str) -> str:
     return os.path.expanduser(value)
 
 
-def settings_from(cls: type, value: Any, name: str) -> Any:
-    """``cls`` settings from an instance, a mapping of its keys (a recipe block) or ``None`` (defaults).
+def settings_from(cls: type, value: Any, name: str, **keys: Any) -> Any:
+    """``cls`` settings from an instance, a mapping of its keys (a recipe block), keyword ``keys`` or
+    ``None`` (defaults): the one converter every pure-torch module's ``__init__`` calls.
 
-    Raises ``ValueError`` listing every problem of a mapping, each with its key path under ``name``.
+    Raises ``ValueError`` listing every problem of a mapping, each with its key path under ``name``, and
+    ``TypeError`` if both ``value`` and ``keys`` are given.
     """
+    if keys:
+        if value is not None:
+            raise TypeError(f"{name}: give settings or keyword settings, not both")
+        value = keys
     if value is None:
         return cls()
     if isinstance(value, cls):

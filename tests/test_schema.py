@@ -67,3 +67,38 @@ def test_python_construction_rejects_bad_values():
 def test_describe_lists_nested_keys():
     keys = [row[0] for row in describe(Outer)]
     assert keys[:5] == ["name", "mode", "inner", "inner.heads", "inner.scale"]
+
+
+@dataclass(kw_only=True)
+class _Inner(Settings):
+    width: int = setting(4, help="w", ge=1)
+
+
+@dataclass(kw_only=True)
+class _Outer(Settings):
+    mode: Literal["fast", "exact"] = setting("fast", help="m")
+    scale: float = setting(1.0, help="s", gt=0)
+    inner: _Inner = setting(default_factory=_Inner, help="i")
+
+
+def test_settings_built_in_python_get_the_recipe_type_and_choice_checks():
+    with pytest.raises(ValueError, match=r"_Outer: mode: expected one of 'fast', 'exact', got 'fsat'"):
+        _Outer(mode="fsat")
+    with pytest.raises(ValueError, match=r"_Outer: scale: expected a number, got str 'wide'"):
+        _Outer(scale="wide")
+    with pytest.raises(ValueError, match=r"_Inner: width: must be >= 1, got 0"):
+        _Outer(inner=_Inner(width=0))
+    assert _Outer(scale=2, inner=_Inner(width=3)).inner.width == 3  # an int is a number
+
+
+def test_settings_from_takes_an_instance_a_mapping_keywords_or_none_but_not_two():
+    from lever_plugins.schema import settings_from
+
+    built = _Outer(mode="exact")
+    assert settings_from(_Outer, built, "block") is built
+    assert settings_from(_Outer, {"mode": "exact"}, "block") == built == settings_from(_Outer, None, "block", mode="exact")
+    assert settings_from(_Outer, None, "block") == _Outer()
+    with pytest.raises(TypeError, match="block: give settings or keyword settings, not both"):
+        settings_from(_Outer, built, "block", mode="fast")
+    with pytest.raises(ValueError, match=r"block.inner.width: must be >= 1"):
+        settings_from(_Outer, None, "block", inner={"width": 0})

@@ -16,7 +16,7 @@ from typing import Iterator, Literal, Optional
 
 from lever_plugins.schema import Settings, setting
 from lever_plugins.schemas.blip2 import QformerSettings, VisionSettings
-from lever_plugins.schemas.run import RunSettings
+from lever_plugins.schemas.run import RunSettings, lr_scale_problem
 from lever_plugins.schemas.seps import SepsHeadSettings, SepsLossSettings
 
 RETRIEVAL_SPLITS = ("train", "val", "test")
@@ -169,7 +169,9 @@ def cross_block_problems(data: dict) -> list[str]:
             f"model.seps_loss.max_violation: true would be switched off for the first run.warmup_epochs={warmup} "
             "epoch(s); set it to false (hard negatives after the warm-up) or run.warmup_epochs: null (from the start)"
         )
-    return problems
+    # LAVIS's own schedules would silently give the backbone the head's lr
+    scale = lr_scale_problem("model.backbone_lr_scale", float(data["model"]["backbone_lr_scale"]), data["run"]["lr_sched"])
+    return problems + ([scale] if scale else [])
 
 
 def describe_plan(data: dict) -> list[str]:

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from lever_plugins.compat import import_lavis
-from lever_plugins.recipes import to_plain  # noqa: F401  (re-exported for the builders and tasks)
+from lever_plugins.recipes import to_plain
 from lever_plugins.schema import RecipeError, from_mapping
 from lever_plugins.schemas.run import RunSettings
 
@@ -89,6 +89,14 @@ class LeverTask(BaseTask):
         """Called once on the main process after training and testing (e.g. to draw figures)."""
 
     def build_model(self, cfg):
+        # The task's checks across blocks run here too, before a model that may take minutes to load:
+        # LAVIS's own train.py never runs `lever-plugins validate`.
+        if self.settings is not None:
+            from lever_plugins.recipes import cross_block_problems_of_config
+
+            problems = cross_block_problems_of_config(cfg, self.settings.to_dict())
+            if problems:
+                raise RecipeError(problems)
         model = super().build_model(cfg)
         if hasattr(model, "gather_negatives") and self.settings is not None:
             model.gather_negatives = self.settings.gather_negatives  # run.gather_negatives

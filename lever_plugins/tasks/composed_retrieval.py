@@ -25,9 +25,8 @@ from torch.utils.data import DataLoader, Subset
 
 from lever_plugins.metrics.cir import cirr_metrics, fashioniq_category_recalls, fashioniq_metrics, write_cirr_submission
 from lever_plugins.runners import distributed as lever_dist
-from lever_plugins.schema import RecipeError
-from lever_plugins.schemas.cir import ComposedRetrievalRunSettings, cross_block_problems
-from lever_plugins.tasks.base import LeverTask, model_device, to_plain
+from lever_plugins.schemas.cir import ComposedRetrievalRunSettings
+from lever_plugins.tasks.base import LeverTask, model_device
 
 logger = logging.getLogger(__name__)
 
@@ -44,14 +43,6 @@ def _progress(iterable, desc: str, enabled: bool):
 
 class ComposedRetrievalTask(LeverTask):
     settings_cls = ComposedRetrievalRunSettings
-
-    def build_model(self, cfg):
-        # Also on LAVIS's own train.py path, which never runs `lever-plugins validate`.
-        if self.settings is not None:
-            problems = cross_block_problems({"model": to_plain(cfg.model_cfg), "run": self.settings.to_dict()})
-            if problems:
-                raise RecipeError(problems)
-        return super().build_model(cfg)
 
     @torch.no_grad()
     def evaluation(self, model, data_loader, cuda_enabled=True):

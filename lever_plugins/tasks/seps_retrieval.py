@@ -38,16 +38,13 @@ import torch.nn.functional as F
 
 from lever_plugins.metrics.retrieval import RECALL_KS, coco_1k_5fold_metrics, retrieval_metrics
 from lever_plugins.runners import distributed as lever_dist
-from lever_plugins.schema import RecipeError
-from lever_plugins.schemas.run import lr_scale_problem
-from lever_plugins.schemas.seps_retrieval import Blip2SepsSettings, SepsRetrievalRunSettings
-from lever_plugins.tasks.base import LeverTask, model_device, to_plain
+from lever_plugins.schemas.seps_retrieval import SepsRetrievalRunSettings
+from lever_plugins.tasks.base import LeverTask, model_device
 
 logger = logging.getLogger(__name__)
 
 TEXT_BATCH = 256  # captions encoded at once
 ITC_IMAGE_BLOCK = 64  # images per ITC block (bounds the (v, t, Q) tensor)
-_BACKBONE_LR_SCALE_DEFAULT = Blip2SepsSettings.__dataclass_fields__["backbone_lr_scale"].default
 ScoreFn = Callable[[int, torch.Tensor], torch.Tensor]
 
 
@@ -124,16 +121,6 @@ def _fold_slices(num_images: int, fold_images: Optional[int], txt2img: torch.Ten
 
 class SepsRetrievalTask(LeverTask):
     settings_cls = SepsRetrievalRunSettings
-
-    def build_model(self, cfg):
-        # Checked before building (a full BLIP-2 takes minutes to load): LAVIS's own schedules would
-        # silently give the backbone the head's lr.
-        block = to_plain(cfg.model_cfg)
-        scale = block.get("backbone_lr_scale", _BACKBONE_LR_SCALE_DEFAULT) if block.get("arch") == "lever_blip2_seps" else 1.0
-        problem = lr_scale_problem("model.backbone_lr_scale", scale, self.settings.lr_sched) if self.settings else None
-        if problem:
-            raise RecipeError([problem])
-        return super().build_model(cfg)
 
     def on_train_epoch_start(self, model: torch.nn.Module, epoch: int) -> None:
         warmup = self.settings.warmup_epochs if self.settings is not None else None
