@@ -8,5 +8,6 @@ Stages, each resumable and each a step of ``lever-plugins run`` with ``task: lev
 * :mod:`~lever_plugins.icl.evaluate` - ICD selection for evaluation queries and VQA accuracy of the VLM
   prompted with them, against zero-shot, random and similarity (RICES) selection.
 
-Nothing in this package imports LAVIS except the BLIP-2 feature extractor.
+Nothing in this package imports LAVIS except the BLIP-2 feature extractor and the dataset builder
+(:mod:`~lever_plugins.icl.builder`, which reads the pipeline's feature cache and beam-search files).
 """

@@ -1,6 +1,7 @@
 """Beam-search training data for the pointer selectors (Lever-LM style), written incrementally.
 
-For each query ``x`` (with gold answer ``y``) and its candidate pool ``P`` (K supporting examples):
+For each query ``x`` (with gold answer ``y``; captioning: ``y`` is the query image's caption, the
+task kind's target, :mod:`~lever_plugins.icl.kinds`) and its candidate pool ``P`` (K supporting examples):
 
 1. ``s(S) = score(VLM(y | x, S))`` for a demonstration sequence ``S``, from the answer's mean
    per-token NLL: ``exp(-NLL)`` (``prob_gain``, Lever-LM's InfoScore) or ``-NLL`` (``logprob_gain``);

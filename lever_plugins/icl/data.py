@@ -23,7 +23,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from lever_plugins.datasets import files
 
@@ -373,8 +373,3 @@ def split_by_question_id(question_ids: Sequence[int], val_fraction: float, seed:
             val.discard(ranked[-1])
     train_ids = sorted(q for q in question_ids if q not in val)
     return train_ids, sorted(val)
-
-
-def iter_chunks(items: Sequence, size: int) -> Iterator[Sequence]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lever_plugins.checkpoints import read_torch_file
 from lever_plugins.icl.data import IclDataError, VqaExample, VqaSplit, load_example_image, read_json
 from lever_plugins.runners import distributed as lever_dist
 from lever_plugins.io import atomic_output, write_json_atomic
@@ -215,7 +216,7 @@ def encode_table(
         path = _part_path(cache_dir, table, part)
         if lever_dist.broadcast_object(os.path.isfile(path)):  # rank 0's view: every rank takes the same branch
             if main:
-                parts.append(torch.load(path, map_location="cpu", weights_only=True))
+                parts.append(read_torch_file(path, expected=torch.Tensor))
             if bar is not None:
                 bar.update(hi - lo)
             continue
@@ -373,7 +374,7 @@ def load_tables(cache_dir: str) -> dict[str, dict]:
     manifest = read_json(manifest_path, "features manifest") if os.path.isfile(manifest_path) else None
     if not manifest or not manifest.get("complete"):
         raise IclDataError(f"{cache_dir}: no finished feature cache; run the embed stage first (run.stages)")
-    return {t: torch.load(table_path(cache_dir, t), map_location="cpu", weights_only=True) for t in TABLES}
+    return {t: read_torch_file(table_path(cache_dir, t)) for t in TABLES}
 
 
 def rows_for(table: dict, question_ids: Sequence[int], where: str) -> torch.Tensor:

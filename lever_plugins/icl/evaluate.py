@@ -1,4 +1,4 @@
-"""Select demonstrations for evaluation queries and measure the VLM's VQA accuracy with them.
+"""Select demonstrations for evaluation queries and measure the VLM's VQA accuracy (or CIDEr) with them.
 
 Selection methods (each returns, per evaluation question_id, supporting-set question_ids in
 selection order; ``n`` shots use the first ``n``):
@@ -9,10 +9,12 @@ selection order; ``n`` shots use the first ``n``):
 * ``pointer``: the trained selector's autoregressive choice from the query's candidate pool (built
   exactly as for beam search: same pool kind, K and seed).
 
-Zero-shot (no demonstration) is always evaluated. Accuracy is the official VQAv2 metric
-(:func:`lever_plugins.metrics.vqa.vqa_accuracy`, in percent here). Predictions are appended per
-(method, shots) to ``predictions_<method>_<n>shot.jsonl``, so an interrupted evaluation resumes;
-the summary goes to ``vqa_accuracy.csv`` / ``.md`` / ``.png`` and ``summary.json``.
+Zero-shot (no demonstration) is always evaluated. The score is the task kind's
+(:mod:`~lever_plugins.icl.kinds`): the official VQAv2 accuracy (:func:`lever_plugins.metrics.vqa.
+vqa_accuracy`, in percent here), or for captioning corpus CIDEr-D x 100 (:func:`lever_plugins.metrics.
+caption.cider`) over the evaluated queries. Predictions are appended per (method, shots) to
+``predictions_<method>_<n>shot.jsonl``, so an interrupted evaluation resumes; the summary goes to
+``vqa_accuracy.csv`` / ``.md`` / ``.png`` (captioning: ``cider.*``) and ``summary.json``.
 
 With ``shard=True`` under torch.distributed (every rank calls :func:`evaluate_vqa`), each round
 deals the next ``world_size`` batches of the single-process batching (question_id order) one per
@@ -32,9 +34,9 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from lever_plugins.icl.data import VqaSplit, append_jsonl, read_jsonl
+from lever_plugins.icl.kinds import VQA, TaskKind
 from lever_plugins.icl.vlm import IclPrompt, VqaVlm
 from lever_plugins.io import atomic_output, write_json_atomic, write_text_atomic
-from lever_plugins.metrics.vqa import vqa_accuracy
 from lever_plugins.runners import distributed as lever_dist
 
 logger = logging.getLogger(__name__)
@@ -114,10 +116,12 @@ def evaluate_vqa(
     out_dir: str,
     progress: bool = True,
     shard: bool = False,
+    kind: TaskKind = VQA,
 ) -> list[dict]:
-    """Generate answers for every (method, shots) and score them; returns one row per setting.
+    """Generate answers (captions) for every (method, shots) and score them; returns one row per setting.
 
-    Rows: ``{"method", "shots", "accuracy" (percent), "num_queries"}``, zero-shot first.
+    Rows: ``{"method", "shots", <kind.metric_key>, "num_queries"}`` (VQA: ``"accuracy"`` in percent;
+    captioning: ``"cider"``, CIDEr-D x 100), zero-shot first.
     ``shard``: split the queries over the ranks of torch.distributed (every rank must call it; see
     the module docstring); every rank returns the rows.
     """
@@ -140,12 +144,12 @@ def evaluate_vqa(
         if progress and todo and main:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(todo), desc=f"VQA {method} {n}-shot", leave=False, dynamic_ncols=True)
+            bar = tqdm(total=len(todo), desc=f"{kind.label} {method} {n}-shot", leave=False, dynamic_ncols=True)
         batches = [todo[start:start + size] for start in range(0, len(todo), size)]
         for first in range(0, len(batches), world):
             round_batches = batches[first:first + world]
             mine = lever_dist.shard_indices(len(round_batches)) if sharded else range(len(round_batches))
-            local = [_answer_batch(vlm, eval_split, support, selections, method, n, round_batches[i]) for i in mine]
+            local = [_answer_batch(vlm, eval_split, support, selections, method, n, round_batches[i], kind) for i in mine]
             records = [r for part in (lever_dist.gather_sharded(local) if sharded else local) for r in part]
             if main:
                 append_jsonl(path, records)
@@ -155,14 +159,14 @@ def evaluate_vqa(
         if bar is not None:
             bar.close()
         # Re-scored from the stored answers: predictions cached by an earlier run keep the metric current.
-        scores = [vqa_accuracy(done[q]["prediction"], list(eval_split[q].answers)) for q in query_ids]
-        rows.append({"method": method, "shots": n, "accuracy": 100.0 * sum(scores) / len(scores), "num_queries": len(scores)})
+        score = kind.corpus_score([done[q]["prediction"] for q in query_ids], [eval_split[q] for q in query_ids])
+        rows.append({"method": method, "shots": n, kind.metric_key: score, "num_queries": len(query_ids)})
     return rows
 
 
 def _answer_batch(
     vlm: VqaVlm, eval_split: VqaSplit, support: VqaSplit, selections: Mapping[str, Mapping[int, Sequence[int]]],
-    method: str, n: int, ids: Sequence[int],
+    method: str, n: int, ids: Sequence[int], kind: TaskKind = VQA,
 ) -> list[dict]:
     """Prediction records of one batch of evaluation questions (``n`` demonstrations of ``method``)."""
     prompts = []
@@ -176,17 +180,17 @@ def _answer_batch(
     for qid, prompt, answer in zip(ids, prompts, answers):
         query = eval_split[qid]
         records.append({
-            "question_id": qid, "prediction": answer, "accuracy": vqa_accuracy(answer, list(query.answers)),
+            "question_id": qid, "prediction": answer, **kind.item_scores(answer, query),
             "demos": [d.question_id for d in prompt.demos],
         })
     return records
 
 
-def accuracy_table(rows: Sequence[Mapping]) -> tuple[str, str]:
+def accuracy_table(rows: Sequence[Mapping], kind: TaskKind = VQA) -> tuple[str, str]:
     """``(markdown, csv)`` tables: one row per method, one column per shot count (zero-shot on its own row)."""
     shots = sorted({r["shots"] for r in rows if r["method"] != ZERO_SHOT})
     methods = [m for m in dict.fromkeys(r["method"] for r in rows)]
-    by_key = {(r["method"], r["shots"]): r["accuracy"] for r in rows}
+    by_key = {(r["method"], r["shots"]): r[kind.metric_key] for r in rows}
     header = ["method", *[f"{n}-shot" for n in shots]]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for method in methods:
@@ -197,30 +201,30 @@ def accuracy_table(rows: Sequence[Mapping]) -> tuple[str, str]:
         lines.append("| " + " | ".join([METHOD_LABELS.get(method, method), *cells]) + " |")
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["method", "shots", "accuracy", "num_queries"])
+    writer.writerow(["method", "shots", kind.metric_key, "num_queries"])
     for row in rows:
-        writer.writerow([row["method"], row["shots"], f"{row['accuracy']:.4f}", row["num_queries"]])
+        writer.writerow([row["method"], row["shots"], f"{row[kind.metric_key]:.4f}", row["num_queries"]])
     return "\n".join(lines) + "\n", buffer.getvalue()
 
 
-def plot_accuracy(rows: Sequence[Mapping], path: str, title: str = "VQA accuracy vs shots") -> str:
-    """PNG of accuracy against shot count per method; zero-shot as a dashed horizontal line."""
+def plot_accuracy(rows: Sequence[Mapping], path: str, title: Optional[str] = None, kind: TaskKind = VQA) -> str:
+    """PNG of the score against shot count per method; zero-shot as a dashed horizontal line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(5.5, 3.8), dpi=120)
-    zero = [r["accuracy"] for r in rows if r["method"] == ZERO_SHOT]
+    zero = [r[kind.metric_key] for r in rows if r["method"] == ZERO_SHOT]
     if zero:
         axes.axhline(zero[0], color="grey", linestyle="--", label=f"zero-shot ({zero[0]:.1f})")
     for method in dict.fromkeys(r["method"] for r in rows if r["method"] != ZERO_SHOT):
-        points = sorted((r["shots"], r["accuracy"]) for r in rows if r["method"] == method)
+        points = sorted((r["shots"], r[kind.metric_key]) for r in rows if r["method"] == method)
         axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=METHOD_LABELS.get(method, method))
     axes.set_xlabel("shots")
-    axes.set_ylabel("VQA accuracy (%)")
+    axes.set_ylabel(kind.axis_label)
     axes.set_xticks(sorted({r["shots"] for r in rows if r["method"] != ZERO_SHOT}))
-    axes.set_title(title)
+    axes.set_title(title or f"{kind.metric_title} vs shots")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
@@ -230,22 +234,22 @@ def plot_accuracy(rows: Sequence[Mapping], path: str, title: str = "VQA accuracy
     return path
 
 
-def report_paths(out_dir: str) -> dict[str, str]:
-    """Where :func:`write_report` writes: ``markdown``, ``csv``, ``png``, ``summary``."""
+def report_paths(out_dir: str, kind: TaskKind = VQA) -> dict[str, str]:
+    """Where :func:`write_report` writes: ``markdown``, ``csv``, ``png`` (``<kind.report_name>.*``), ``summary``."""
     return {
-        "markdown": os.path.join(out_dir, "vqa_accuracy.md"),
-        "csv": os.path.join(out_dir, "vqa_accuracy.csv"),
-        "png": os.path.join(out_dir, "vqa_accuracy.png"),
+        "markdown": os.path.join(out_dir, f"{kind.report_name}.md"),
+        "csv": os.path.join(out_dir, f"{kind.report_name}.csv"),
+        "png": os.path.join(out_dir, f"{kind.report_name}.png"),
         "summary": os.path.join(out_dir, "summary.json"),
     }
 
 
-def write_report(rows: Sequence[Mapping], out_dir: str) -> dict[str, str]:
-    """Write ``vqa_accuracy.md`` / ``.csv`` / ``.png`` and ``summary.json``; returns their paths."""
-    markdown, csv_text = accuracy_table(rows)
-    paths = report_paths(out_dir)
+def write_report(rows: Sequence[Mapping], out_dir: str, kind: TaskKind = VQA) -> dict[str, str]:
+    """Write ``vqa_accuracy.md`` / ``.csv`` / ``.png`` (captioning: ``cider.*``) and ``summary.json``; returns their paths."""
+    markdown, csv_text = accuracy_table(rows, kind)
+    paths = report_paths(out_dir, kind)
     write_text_atomic(paths["markdown"], markdown)
     write_text_atomic(paths["csv"], csv_text)
-    plot_accuracy(rows, paths["png"])
+    plot_accuracy(rows, paths["png"], kind=kind)
     write_json_atomic(paths["summary"], {"rows": list(rows)}, indent=2)
     return paths

@@ -31,12 +31,14 @@ import torch
 from lever_plugins.icl import beam_search as beams
 from lever_plugins.icl import embed as features
 from lever_plugins.icl import evaluate as icl_eval
+from lever_plugins.icl.caption_data import caption_split
 from lever_plugins.icl.data import (
     BeamEntry, IclDataError, VqaSplit, load_beam_files, load_vqa_split, read_json, split_by_question_id,
 )
+from lever_plugins.icl.kinds import CAPTION, TASK_KINDS, TaskKind
 from lever_plugins.io import write_json_atomic
 from lever_plugins.schema import expand_path
-from lever_plugins.schemas.icl import IclSelectionRunSettings, VqaIclDatasetSettings
+from lever_plugins.schemas.icl import CocoCaptionIclDatasetSettings, IclSelectionRunSettings, VqaIclDatasetSettings
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ class IclPipeline:
 
     Args:
         run: the validated ``run:`` block.
-        data: the validated ``datasets.lever_vqa_icl`` block.
+        data: the validated ``datasets.lever_vqa_icl`` or ``datasets.lever_coco_caption_icl`` block (its task kind).
         output_dir: ``run.output_dir`` (absolute).
         rank, world_size: this process in a torch.distributed job (beam search is sharded).
         barrier: called where all ranks must meet (a no-op outside torch.distributed).
@@ -73,7 +75,7 @@ class IclPipeline:
     def __init__(
         self,
         run: IclSelectionRunSettings,
-        data: VqaIclDatasetSettings,
+        data: VqaIclDatasetSettings | CocoCaptionIclDatasetSettings,
         output_dir: str,
         *,
         rank: int = 0,
@@ -100,11 +102,20 @@ class IclPipeline:
     def progress(self) -> bool:
         return self.is_main and self.run.progress_bar
 
+    @property
+    def kind(self) -> TaskKind:
+        """The task kind the dataset block names (VQA or captioning)."""
+        return TASK_KINDS[self.data.task_kind]
+
     # -------------------------------------------------------------------------------------- data
     def prepare_data(self) -> None:
         """Generate the demo (main process; the others wait) when the dataset asks for it."""
         if self.data.generate_demo:
-            if self.is_main:
+            if self.is_main and self.kind is CAPTION:
+                from lever_plugins.datasets.demo_caption import generate_demo_caption
+
+                generate_demo_caption(expand_path(str(self.data.root)), lm_steps=self.data.demo_lm_steps)
+            elif self.is_main:
                 from lever_plugins.datasets.demo_vqa import generate_demo_vqa
 
                 generate_demo_vqa(expand_path(str(self.data.root)), lm_steps=self.data.demo_lm_steps)
@@ -120,6 +131,8 @@ class IclPipeline:
 
     @cached_property
     def eval_split(self) -> VqaSplit:
+        if self.kind is CAPTION:
+            return caption_split(self.data, "eval")
         images = expand_path(self.data.eval_images) if self.data.eval_images else None
         return load_vqa_split("eval", self.files["eval_questions"], self.files["eval_annotations"],
                               images, self.data.eval_image_template)
@@ -127,17 +140,22 @@ class IclPipeline:
     def vlm_path(self) -> str:
         if self.run.vlm.path:
             return expand_path(self.run.vlm.path)
+        if self.data.generate_demo and self.kind is CAPTION:
+            from lever_plugins.datasets.demo_caption import demo_paths
+
+            return demo_paths(expand_path(str(self.data.root)))["lm"]
         if self.data.generate_demo:
             from lever_plugins.datasets.demo_vqa import demo_root_lm
 
             return demo_root_lm(expand_path(str(self.data.root)))
-        raise IclDataError("run.vlm.path: required (a local model folder); null is allowed only with datasets.lever_vqa_icl.generate_demo: true")
+        raise IclDataError("run.vlm.path: required (a local model folder); null is allowed only with "
+                           f"datasets.{self.data.dataset_name}.generate_demo: true")
 
     def vlm(self):
         if self._vlm is None:
             from lever_plugins.icl.vlm import load_vlm
 
-            self._vlm = load_vlm(self.run.vlm, self.vlm_path(), device=self.device)
+            self._vlm = load_vlm(self.run.vlm, self.vlm_path(), device=self.device, kind=self.kind)
         return self._vlm
 
     def tables(self) -> dict[str, dict]:
@@ -187,7 +205,7 @@ class IclPipeline:
         beams_path = os.path.join(self.beam_dir, beams.BEAMS_FILE)
         pools_path = os.path.join(self.beam_dir, beams.POOLS_FILE)
         fingerprint = self.beam_fingerprint()
-        hint = "delete that folder or point datasets.lever_vqa_icl.beam_dir at a new one"
+        hint = f"delete that folder or point datasets.{self.data.dataset_name}.beam_dir at a new one"
         query_ids = self.beam_query_ids()
         if self.is_main:
             os.makedirs(self.beam_dir, exist_ok=True)
@@ -224,11 +242,8 @@ class IclPipeline:
         self.barrier()
         return path or beams_path
 
-    def beam_entries(self) -> list[BeamEntry]:
-        return read_beam_entries(self.beam_dir, self.train)
-
     def build_datasets(self) -> dict:
-        """``{"train": ..., "val": ...}`` :class:`~lever_plugins.datasets.vqa_icl.PointerBeamDataset` s."""
+        """``{"train": ..., "val": ...}`` :class:`~lever_plugins.icl.beam_dataset.PointerBeamDataset` s."""
         return build_pointer_datasets(self.data, self.train, self.features_dir, self.beam_dir)
 
     # -------------------------------------------------------------------------------------- select
@@ -265,7 +280,7 @@ class IclPipeline:
             else:
                 if selector is None:
                     raise ValueError("select: method 'pointer' needs a trained selector")
-                shot_num = selector.config.shot_num
+                shot_num = selector.settings.shot_num
                 if max_shots > shot_num:
                     raise ValueError(
                         f"run.evaluation.shots asks for {max_shots} demonstrations but the selector picks "
@@ -285,7 +300,7 @@ class IclPipeline:
 
     # -------------------------------------------------------------------------------------- evaluate
     def evaluate(self, shard: bool = False) -> dict[str, str]:
-        """Stage ``evaluate``: VQA accuracy per (method, shots) + zero-shot; returns the report paths.
+        """Stage ``evaluate``: VQA accuracy (captioning: CIDEr) per (method, shots) + zero-shot; returns the report paths.
 
         ``shard``: every rank calls it and generates its share of the answers (rank 0 writes the
         files); otherwise the calling process does everything.
@@ -317,13 +332,13 @@ class IclPipeline:
         rows = icl_eval.evaluate_vqa(
             self.vlm(), self.eval_split, self.train, query_ids,
             {m: selections[m] for m in self.run.evaluation.methods if m in selections},
-            self.run.evaluation.shots, self.eval_dir, progress=self.progress, shard=sharded,
+            self.run.evaluation.shots, self.eval_dir, progress=self.progress, shard=sharded, kind=self.kind,
         )
-        paths = icl_eval.report_paths(self.eval_dir)
+        paths = icl_eval.report_paths(self.eval_dir, self.kind)
         if main:
-            icl_eval.write_report(rows, self.eval_dir)
+            icl_eval.write_report(rows, self.eval_dir, self.kind)
             with open(paths["markdown"], encoding="utf-8") as handle:
-                logger.info("VQA accuracy (%d queries):\n%s", len(query_ids), handle.read())
+                logger.info("%s (%d queries):\n%s", self.kind.metric_title, len(query_ids), handle.read())
         if sharded:
             self.barrier()
         return paths
@@ -339,7 +354,10 @@ def dataset_files(data: VqaIclDatasetSettings) -> dict[str, str]:
             for key in ("train_questions", "train_annotations", "eval_questions", "eval_annotations")}
 
 
-def load_train_split(data: VqaIclDatasetSettings) -> VqaSplit:
+def load_train_split(data: VqaIclDatasetSettings | CocoCaptionIclDatasetSettings) -> VqaSplit:
+    """The supporting set of the dataset block: VQA questions, or caption images."""
+    if isinstance(data, CocoCaptionIclDatasetSettings):
+        return caption_split(data, "train")
     files = dataset_files(data)
     images = expand_path(data.train_images) if data.train_images else None
     return load_vqa_split("train", files["train_questions"], files["train_annotations"], images, data.train_image_template)
@@ -355,8 +373,10 @@ def read_beam_entries(beam_dir: str, train: VqaSplit) -> list[BeamEntry]:
                            all_beams_path=all_path if os.path.isfile(all_path) else None)
 
 
-def build_pointer_datasets(data: VqaIclDatasetSettings, train: VqaSplit, features_dir: str, beam_dir: str) -> dict:
-    """Train / val :class:`~lever_plugins.datasets.vqa_icl.PointerBeamDataset` s split by question_id.
+def build_pointer_datasets(
+    data: VqaIclDatasetSettings | CocoCaptionIclDatasetSettings, train: VqaSplit, features_dir: str, beam_dir: str,
+) -> dict:
+    """Train / val :class:`~lever_plugins.icl.beam_dataset.PointerBeamDataset` s split by question_id.
 
     The split is by query (question_id), so all beams of a query fall on one side. ``train`` holds
     every kept beam of its queries (``train_on: all``, as Lever-LM) or only the best
@@ -364,7 +384,7 @@ def build_pointer_datasets(data: VqaIclDatasetSettings, train: VqaSplit, feature
     compare across ``train_on``. Beam scores go through ``beam_score_transform``, fitted on the
     training sequences' scores and applied unchanged to val.
     """
-    from lever_plugins.datasets.vqa_icl import PointerBeamDataset
+    from lever_plugins.icl.beam_dataset import PointerBeamDataset
     from lever_plugins.modules.ranking import BeamScoreTransform
 
     entries = read_beam_entries(beam_dir, train)
@@ -374,8 +394,8 @@ def build_pointer_datasets(data: VqaIclDatasetSettings, train: VqaSplit, feature
         raise IclDataError(f"{beams_path}: entries have different numbers of icds {sorted(lengths)}; the selector needs one")
     train_on = data.train_on
     if train_on == "all" and entries and not any(e.beams for e in entries):
-        logger.warning("lever_vqa_icl: %s has no %s (best beams only: the seeds' format or an older run); "
-                       "training on the best beam of each query", beams_path, beams.ALL_BEAMS_FILE)
+        logger.warning("%s: %s has no %s (best beams only: the seeds' format or an older run); "
+                       "training on the best beam of each query", data.dataset_name, beams_path, beams.ALL_BEAMS_FILE)
     tables = features.load_tables(features_dir)
     train_ids, val_ids = split_by_question_id([e.question_id for e in entries], data.val_fraction, data.split_seed)
     by_id = {e.question_id: e for e in entries}
@@ -384,12 +404,12 @@ def build_pointer_datasets(data: VqaIclDatasetSettings, train: VqaSplit, feature
               for score in scores]
     # float32, as the datasets hold them: a rank is then exact for the training scores themselves.
     transform = BeamScoreTransform(data.beam_score_transform, torch.tensor(fitted, dtype=torch.float32))
-    logger.info("lever_vqa_icl: %s", transform.describe())
+    logger.info("%s: %s", data.dataset_name, transform.describe())
     out = {}
     for split, split_entries, sequences in (("train", train_entries, train_on), ("val", [by_id[q] for q in val_ids], "best")):
         out[split] = PointerBeamDataset(split_entries, tables["train_query"], tables["train_candidate"], beams_path,
                                         sequences=sequences, score_transform=transform)
-        logger.info("lever_vqa_icl %s: %d beam-search queries, %d sequences", split, len(split_entries), len(out[split]))
+        logger.info("%s %s: %d beam-search queries, %d sequences", data.dataset_name, split, len(split_entries), len(out[split]))
     return out
 
 

@@ -1,6 +1,7 @@
 """The VLM behind the pipeline: scores gold answers (beam search) and generates answers (evaluation).
 
-Two adapters share one interface, :class:`VqaVlm`:
+Two adapters share one interface, :class:`VqaVlm`; the task kind (:mod:`~lever_plugins.icl.kinds`)
+fills the templates (VQA: ``{question}``, ``{answer}``; captioning: ``{caption}``):
 
 * :class:`CausalLmVqa` - any ``AutoModelForCausalLM`` (text only). Prompt::
 
@@ -31,6 +32,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from lever_plugins.icl.data import VqaExample, load_example_image
+from lever_plugins.icl.kinds import VQA, TaskKind
 from lever_plugins.schemas.icl import VlmSettings
 
 logger = logging.getLogger(__name__)
@@ -85,6 +87,7 @@ class VqaVlm:
 
     settings: VlmSettings
     device: torch.device
+    kind: TaskKind = VQA
 
     def answer_nll(self, prompts: Sequence[IclPrompt], answers: Sequence[str]) -> torch.Tensor:
         """Mean NLL per answer token of ``answers[i]`` after ``prompts[i]``: ``(N,)`` float32 on CPU."""
@@ -139,10 +142,12 @@ def _cut_answer(text: str, stops: Sequence[str]) -> str:
 class CausalLmVqa(VqaVlm):
     """Text-only adapter for any causal language model (``AutoModelForCausalLM``) and its tokenizer."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, settings: VlmSettings, device: Optional[torch.device] = None):
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, settings: VlmSettings, device: Optional[torch.device] = None,
+                 kind: TaskKind = VQA):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.settings = settings
+        self.kind = kind
         self.device = device or next(model.parameters()).device
         if tokenizer.pad_token_id is None:
             if tokenizer.eos_token_id is None:
@@ -153,8 +158,8 @@ class CausalLmVqa(VqaVlm):
 
     def prompt_text(self, prompt: IclPrompt) -> str:
         s = self.settings
-        parts = [s.icd_template.format(question=d.question, answer=d.answer) for d in prompt_demos(prompt)]
-        parts.append(s.query_template.format(question=prompt.query.question))
+        parts = [s.icd_template.format(**self.kind.demo_values(d)) for d in prompt_demos(prompt)]
+        parts.append(s.query_template.format(**self.kind.query_values(prompt.query)))
         if s.instruction:
             parts.insert(0, s.instruction)
         return s.separator.join(parts)
@@ -211,11 +216,13 @@ class Qwen25VlVqa(VqaVlm):
 
     END_OF_TURN = "<|im_end|>"
 
-    def __init__(self, model: torch.nn.Module, processor: Any, settings: VlmSettings, device: Optional[torch.device] = None):
+    def __init__(self, model: torch.nn.Module, processor: Any, settings: VlmSettings, device: Optional[torch.device] = None,
+                 kind: TaskKind = VQA):
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.settings = settings
+        self.kind = kind
         self.device = device or next(model.parameters()).device
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
@@ -226,7 +233,7 @@ class Qwen25VlVqa(VqaVlm):
         content: list[dict] = []
         if self.settings.use_images:
             content.append({"type": "image"})
-        content.append({"type": "text", "text": self.settings.query_template.format(question=example.question)})
+        content.append({"type": "text", "text": self.settings.query_template.format(**self.kind.query_values(example))})
         return {"role": "user", "content": content}
 
     def messages(self, prompt: IclPrompt) -> list[dict]:
@@ -293,8 +300,8 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
-def load_vlm(settings: VlmSettings, path: str, device: Optional[torch.device] = None) -> VqaVlm:
-    """Load the VLM of ``settings`` from the local folder ``path`` (never from a hub).
+def load_vlm(settings: VlmSettings, path: str, device: Optional[torch.device] = None, kind: TaskKind = VQA) -> VqaVlm:
+    """Load the VLM of ``settings`` from the local folder ``path`` (never from a hub), prompting for ``kind``.
 
     ``device`` overrides ``settings.device`` (e.g. this rank's GPU under torch.distributed).
     """
@@ -308,7 +315,7 @@ def load_vlm(settings: VlmSettings, path: str, device: Optional[torch.device] = 
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **_dtype_kwarg(dtype)).to(device)
         logger.info("VLM: causal LM from %s (%s, %s)", path, dtype, device)
-        return CausalLmVqa(model, tokenizer, settings, device)
+        return CausalLmVqa(model, tokenizer, settings, device, kind)
     try:
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
     except ImportError as exc:  # transformers < 4.49 (the legacy LAVIS environment)
@@ -319,7 +326,7 @@ def load_vlm(settings: VlmSettings, path: str, device: Optional[torch.device] = 
     processor = AutoProcessor.from_pretrained(path, local_files_only=True, **processor_kwargs)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, local_files_only=True, **_dtype_kwarg(dtype)).to(device)
     logger.info("VLM: Qwen2.5-VL from %s (%s, %s)", path, dtype, device)
-    return Qwen25VlVqa(model, processor, settings, device)
+    return Qwen25VlVqa(model, processor, settings, device, kind)
 
 
 def score_from_nll(nll: torch.Tensor, kind: str) -> torch.Tensor:

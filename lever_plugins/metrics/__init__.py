@@ -17,6 +17,8 @@ _LAZY_NAMES = {
     "ndcg_at_k": "lever_plugins.metrics.ranking",
     "vqa_accuracy": "lever_plugins.metrics.vqa",
     "normalize_vqa_answer": "lever_plugins.metrics.vqa",
+    "cider": "lever_plugins.metrics.caption",
+    "caption_tokens": "lever_plugins.metrics.caption",
 }
 
 __all__ = list(_LAZY_NAMES)

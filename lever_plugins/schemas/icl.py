@@ -1,4 +1,4 @@
-"""Settings of the ICD-selection plugin: pointer-selector model, VQA dataset, and the staged run.
+"""Settings of the ICD-selection plugin: pointer-selector model, VQA and caption datasets, and the staged run.
 
 A recipe with ``run.task: lever_icl_selection`` runs the stages listed in ``run.stages`` in order:
 ``embed`` -> ``beam_search`` -> ``train`` -> ``select`` -> ``evaluate``. Each stage writes under its
@@ -10,107 +10,76 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass, fields
-from typing import Iterator, Literal, Optional
+from typing import ClassVar, Iterator, Literal, Optional
 
-from lever_plugins.schema import Settings, setting
+from lever_plugins.schema import Settings, setting, settings_from
 from lever_plugins.schemas.blip2 import QformerSettings, VisionSettings
+from lever_plugins.schemas.pointer import (
+    SELECTOR_SETTINGS, CrossAttentionKeys, PointerSelectorKeys, PointerSelectorV1Settings, RankingLossKeys,
+)
 from lever_plugins.schemas.run import RunSettings
 
 STAGES = ("embed", "beam_search", "train", "select", "evaluate")
 Stage = Literal["embed", "beam_search", "train", "select", "evaluate"]
 SELECTION_METHODS = ("random", "similarity", "pointer")
 
-_V2_KEYS = ("num_heads", "attn_dropout")
-_V3_KEYS = (
-    "ranking_loss_type", "ranking_loss_weight", "ranking_margin", "radi_pairwise_space", "radi_sinkhorn_epsilon",
-    "radi_sinkhorn_iters", "radi_hot_k", "radi_cold_k", "radi_cold_sampling", "radi_sampling_alpha", "radi_list_loss", "radi_mc_samples",
-    "teacher_checkpoint",
-)
-
 
 @dataclass(kw_only=True)
-class PointerSelectorSettings(Settings):
-    """``model:`` block of ``arch: lever_pointer_selector``; ``model_type`` (v1 | v2 | v3) is the version.
-
-    The keys mirror :class:`lever_plugins.modules.pointer.PointerSelectorV3Config`. V2-only keys
-    (``num_heads``, ``attn_dropout``) and V3-only keys (``ranking_*``, ``radi_*``,
-    ``teacher_checkpoint``) must keep their defaults under another version: they would be ignored.
-    """
-
+class _PointerModelKeys(Settings):
     arch: Literal["lever_pointer_selector"] = setting(help="registered model name")
     model_type: Literal["v1", "v2", "v3"] = setting(
         help="selector version: v1 bi-encoder | v2 + cross-attention | v3 + ranking loss (presets under configs/models)"
     )
-    d_model: int = setting(768, help="width of the query / candidate embeddings (must match the embed stage)", ge=1)
-    hidden_dim: int = setting(128, help="width after the shared input projection", ge=1)
-    K: int = setting(32, help="candidate pool size per query (must equal run.beam_search.pool_size)", ge=1)
-    shot_num: int = setting(6, help="demonstrations the selector picks per query at inference (decoding steps)", ge=1)
-    temperature: float = setting(0.1, help="logits = cosine / temperature", gt=0)
-    dropout: float = setting(0.3, help="dropout after query_proj / cand_proj", ge=0, lt=1)
-    label_smoothing: float = setting(0.2, help="cross-entropy label smoothing (the pointer-selector design: V1/V3 0.2, V2 0.1)", ge=0, lt=1)
-    query_update: Literal["none", "additive"] = setting(
-        "none", help="query state across steps: fixed, or query + sum of the chosen candidates"
-    )
-    num_heads: int = setting(4, help="v2: cross-attention heads (must divide hidden_dim)", ge=1)
-    attn_dropout: float = setting(0.1, help="v2: dropout on the attention weights", ge=0, lt=1)
-    ranking_loss_type: Literal["listwise", "pairwise", "radi_pairwise", "radi_listwise"] = setting(
-        "listwise", help="v3: listwise (KL to beam-score target) | pairwise (hardest negative) | RADI distillation"
-    )
-    ranking_loss_weight: float = setting(0.1, help="v3: lambda in loss = CE + lambda * ranking loss", ge=0)
-    ranking_margin: float = setting(
-        1.0, help="v3: hinge margin (pairwise: logit units; radi_pairwise: units of radi_pairwise_space)", gt=0
-    )
-    radi_pairwise_space: Literal["logits", "probs"] = setting(
-        "logits", help="v3 radi_pairwise: hinge on student logit gaps, or on probability gaps p_s(a_i) - p_s(a_j) (RADI as written)"
-    )
-    radi_sinkhorn_epsilon: float = setting(1.0, help="v3 radi_pairwise: entropic regularisation (relative)", gt=0)
-    radi_sinkhorn_iters: int = setting(50, help="v3 radi_pairwise: Sinkhorn iterations", ge=1)
-    radi_hot_k: int = setting(4, help="v3 radi_listwise: hot list = teacher top-k", ge=1)
-    radi_cold_k: int = setting(8, help="v3 radi_listwise: candidates sampled into the cold list", ge=0)
-    radi_cold_sampling: Literal["exponential", "zipf"] = setting("exponential", help="v3 radi_listwise: cold-list sampling")
-    radi_sampling_alpha: float = setting(0.5, help="v3 radi_listwise: alpha of the cold-list sampling", gt=0)
-    radi_list_loss: Literal["listnet", "listmle"] = setting("listnet", help="v3 radi_listwise: list loss")
-    radi_mc_samples: int = setting(8, help="v3 RADI: MC-dropout passes of the teacher", ge=1)
+
+
+# Bases in reverse key order (dataclasses list the last base's keys first): arch, model_type, the keys of
+# every version, V2's, V3's, then this class's own.
+@dataclass(kw_only=True)
+class PointerSelectorSettings(RankingLossKeys, CrossAttentionKeys, PointerSelectorKeys, _PointerModelKeys):
+    """``model:`` block of ``arch: lever_pointer_selector``; ``model_type`` (v1 | v2 | v3) is the version.
+
+    Every key of the three versions (:mod:`lever_plugins.schemas.pointer`), flat. A key only another
+    version reads (V2: ``num_heads``, ``attn_dropout``; V3: ``ranking_*``, ``radi_*``,
+    ``teacher_checkpoint``) must keep its default: it would be ignored.
+    """
+
     teacher_checkpoint: Optional[str] = setting(
         None, help="v3 RADI: checkpoint of a trained lever_pointer_selector run (its recipe is read from it)", path="file"
     )
     finetuned: Optional[str] = setting(None, help="checkpoint of this model to start from (weights only)", path="file")
 
+    def selector_settings(self) -> PointerSelectorV1Settings:
+        """The settings of the selector module this block builds (``PointerSelectorV{1,2,3}Settings``)."""
+        cls = SELECTOR_SETTINGS[self.model_type]
+        return settings_from(cls, {f.name: getattr(self, f.name) for f in fields(cls)}, "model")
+
     def extra_problems(self) -> Iterator[str]:
-        defaults = {f.name: f.default for f in fields(PointerSelectorSettings)}
-        if self.model_type != "v2":
-            for key in _V2_KEYS:
-                if getattr(self, key) != defaults[key]:
-                    yield (f"{key}: read only by model_type v2 (this is {self.model_type}); leave it out "
-                           f"(or at its default, {defaults[key]!r}), or set model_type: v2")
-        if self.model_type != "v3":
-            for key in _V3_KEYS:
-                if getattr(self, key) != defaults[key]:
-                    yield (f"{key}: read only by model_type v3 (this is {self.model_type}); leave it out "
-                           f"(or at its default, {defaults[key]!r}), or set model_type: v3")
-        if self.shot_num > self.K:
-            yield f"shot_num: cannot select {self.shot_num} distinct candidates from K = {self.K}"
-        if self.model_type == "v2" and self.hidden_dim % self.num_heads:
-            yield f"num_heads: {self.num_heads} does not divide hidden_dim = {self.hidden_dim}"
-        if self.model_type == "v3" and self.radi_hot_k > self.K:
-            yield f"radi_hot_k: {self.radi_hot_k} is larger than the pool K = {self.K}"
+        selected = SELECTOR_SETTINGS.get(self.model_type)
+        if selected is None:  # built in Python with a wrong value (recipes are type-checked before this runs)
+            yield f"model_type: expected one of {', '.join(map(repr, SELECTOR_SETTINGS))}, got {self.model_type!r}"
+            return
+        common = {f.name for f in fields(PointerSelectorKeys)}
+        only_in = {f.name: version for version, cls in SELECTOR_SETTINGS.items() for f in fields(cls) if f.name not in common}
+        only_in["teacher_checkpoint"] = "v3"  # read by the LAVIS model (it loads the RADI teacher), not by the module
+        defaults = {f.name: f.default for f in fields(self)}
+        for key, version in only_in.items():
+            if version != self.model_type and self.differs_from_default(key):
+                yield (f"{key}: read only by model_type {version} (this is {self.model_type}); leave it out "
+                       f"(or at its default, {defaults[key]!r}), or set model_type: {version}")
+        yield from selected.extra_problems(self)  # the version's own checks, on this block's values
         if self.model_type == "v3" and self.ranking_loss_type.startswith("radi_") and not self.teacher_checkpoint:
             yield f"teacher_checkpoint: ranking_loss_type {self.ranking_loss_type} distils from a trained selector; give its checkpoint"
 
 
 @dataclass(kw_only=True)
-class VqaIclDatasetSettings(Settings):
-    """``datasets.lever_vqa_icl``: VQAv2 / OK-VQA questions + annotations, features and beam-search files.
-
-    ``train_*`` is the supporting set: beam-search queries and every candidate demonstration come
-    from it. ``eval_*`` holds the evaluation queries (e.g. VQAv2 val2014). The builder trains on
-    ``beam_dir``'s beams with ``features_dir``'s features, split into train / val by question_id
-    (every kept beam of a training query with ``train_on: all``; the best beam of each val query).
-    """
-
+class _IclDemoKeys(Settings):
     data_type: Literal["images"] = setting("images", help="LAVIS data type (always images)")
     generate_demo: bool = setting(False, help="generate the embedded demo (data + tiny language model) into `root`")
     root: Optional[str] = setting(None, help="demo: folder the generated data and model go to", path="dir")
+
+
+@dataclass(kw_only=True)
+class _VqaFileKeys(Settings):
     train_questions: Optional[str] = setting(None, help="supporting set questions JSON (e.g. v2_OpenEnded_mscoco_train2014_questions.json)", path="file")
     train_annotations: Optional[str] = setting(None, help="supporting set annotations JSON (e.g. v2_mscoco_train2014_annotations.json)", path="file")
     eval_questions: Optional[str] = setting(None, help="evaluation questions JSON (e.g. v2_OpenEnded_mscoco_val2014_questions.json)", path="file")
@@ -119,6 +88,24 @@ class VqaIclDatasetSettings(Settings):
     eval_images: Optional[str] = setting(None, help="folder of the evaluation images", path="dir")
     train_image_template: str = setting("COCO_train2014_{image_id:012d}.jpg", help="image file name in train_images, from image_id")
     eval_image_template: str = setting("COCO_val2014_{image_id:012d}.jpg", help="image file name in eval_images, from image_id")
+
+
+@dataclass(kw_only=True)
+class _CaptionFileKeys(Settings):
+    karpathy_json: Optional[str] = setting(
+        None, help="Karpathy split file (dataset_coco.json: images[] with filepath, filename, cocoid, split, sentences)", path="file"
+    )
+    images: Optional[str] = setting(None, help="folder holding each image's <filepath>/<filename> (e.g. the COCO root with train2014/, val2014/)", path="dir")
+    train_splits: list[Literal["train", "restval", "val", "test"]] = setting(
+        default_factory=lambda: ["train", "restval"], help="Karpathy splits of the supporting set (beam-search queries and candidates)"
+    )
+    eval_splits: list[Literal["train", "restval", "val", "test"]] = setting(
+        default_factory=lambda: ["test"], help="Karpathy splits of the evaluation queries"
+    )
+
+
+@dataclass(kw_only=True)
+class _BeamDataKeys(Settings):
     features_dir: Optional[str] = setting(
         None, help="feature cache written by the embed stage (null: <run.output_dir>/embed); share it between recipes"
     )
@@ -135,24 +122,73 @@ class VqaIclDatasetSettings(Settings):
     )
     val_fraction: float = setting(0.1, help="fraction of beam-search queries held out (by question_id) to validate the selector", gt=0, lt=1)
     split_seed: int = setting(0, help="seed of the train/val split by question_id")
+
+
+# Bases in reverse key order (dataclasses list the last base's keys first).
+@dataclass(kw_only=True)
+class VqaIclDatasetSettings(_BeamDataKeys, _VqaFileKeys, _IclDemoKeys):
+    """``datasets.lever_vqa_icl``: VQAv2 / OK-VQA questions + annotations, features and beam-search files.
+
+    ``train_*`` is the supporting set: beam-search queries and every candidate demonstration come
+    from it. ``eval_*`` holds the evaluation queries (e.g. VQAv2 val2014). The builder trains on
+    ``beam_dir``'s beams with ``features_dir``'s features, split into train / val by question_id
+    (every kept beam of a training query with ``train_on: all``; the best beam of each val query).
+    """
+
+    dataset_name: ClassVar[str] = "lever_vqa_icl"
+    task_kind: ClassVar[str] = "vqa"
+
     demo_lm_steps: int = setting(300, help="demo: training steps of the tiny language model the generator trains", ge=1)
 
     def extra_problems(self) -> Iterator[str]:
         files = ("train_questions", "train_annotations", "eval_questions", "eval_annotations")
-        if self.generate_demo:
-            if not self.root:
-                yield "root: required with generate_demo: true (where the demo is generated)"
-            for key in files:
-                if getattr(self, key):
-                    yield f"{key}: the demo generates its own files under root; remove it or set generate_demo: false"
-        else:
-            for key in files:
-                if not getattr(self, key):
-                    yield f"{key}: required (a local VQAv2-format JSON file), or set generate_demo: true"
+        yield from _source_problems(self, {key: "a local VQAv2-format JSON file" for key in files})
         for key in ("train_image_template", "eval_image_template"):
             problem = _template_problem(getattr(self, key), {"image_id"}, {"image_id"})
             if problem:
                 yield f"{key}: {problem}"
+
+
+@dataclass(kw_only=True)
+class CocoCaptionIclDatasetSettings(_BeamDataKeys, _CaptionFileKeys, _IclDemoKeys):
+    """``datasets.lever_coco_caption_icl``: COCO captions (Karpathy split JSON + images), features and beam files.
+
+    Each image is one example keyed by its ``cocoid`` (:mod:`lever_plugins.icl.caption_data`); the
+    images of ``train_splits`` are the supporting set (beam-search queries and candidates), those of
+    ``eval_splits`` the evaluation queries. Training data as in ``lever_vqa_icl``.
+    """
+
+    dataset_name: ClassVar[str] = "lever_coco_caption_icl"
+    task_kind: ClassVar[str] = "caption"
+
+    demo_lm_steps: int = setting(400, help="demo: training steps of the tiny language model the generator trains", ge=1)
+
+    def extra_problems(self) -> Iterator[str]:
+        yield from _source_problems(self, {"karpathy_json": "a local Karpathy-format dataset_coco.json", "images": "a local image folder"})
+        for key in ("train_splits", "eval_splits"):
+            if not getattr(self, key):
+                yield f"{key}: at least one Karpathy split"
+        shared = sorted(set(self.train_splits) & set(self.eval_splits))
+        if shared:
+            yield f"eval_splits: {shared} also in train_splits; evaluation queries must not be supporting examples"
+
+
+def _source_problems(data: Settings, keys: dict[str, str]) -> Iterator[str]:
+    """The data files (``keys``: key -> what it must be) are generated (``generate_demo``, under ``root``) or given, not both."""
+    if data.generate_demo:
+        if not data.root:
+            yield "root: required with generate_demo: true (where the demo is generated)"
+        for key in keys:
+            if getattr(data, key):
+                yield f"{key}: the demo generates its own files under root; remove it or set generate_demo: false"
+    else:
+        for key, what in keys.items():
+            if not getattr(data, key):
+                yield f"{key}: required ({what}), or set generate_demo: true"
+
+
+# The dataset blocks the lever_icl_selection task reads (exactly one per recipe), by recipe name.
+ICL_DATASETS: dict[str, type] = {cls.dataset_name: cls for cls in (VqaIclDatasetSettings, CocoCaptionIclDatasetSettings)}
 
 
 def _template_problem(template: str, allowed: set[str], required: set[str]) -> Optional[str]:
@@ -167,6 +203,29 @@ def _template_problem(template: str, allowed: set[str], required: set[str]) -> O
     if missing:
         return f"must contain {', '.join('{' + m + '}' for m in sorted(missing))}"
     return None
+
+
+# What a demonstration (icd_template) and a query (query_template) show, per task kind
+# (lever_plugins.icl.kinds): template placeholder -> the example attribute it is filled with.
+TEMPLATE_FIELDS: dict[str, dict[str, dict[str, str]]] = {
+    "vqa": {"demo": {"question": "question", "answer": "answer"}, "query": {"question": "question"}},
+    "caption": {"demo": {"caption": "answer"}, "query": {}},
+}
+
+
+def template_problems(vlm_kind: str, icd_template: str, query_template: str, task_kind: str) -> list[str]:
+    """Problems of ``run.vlm``'s templates for ``task_kind`` (a key of :data:`TEMPLATE_FIELDS`): each
+    holds exactly its placeholders. ``icd_template`` is read by ``causal_lm`` only."""
+    fields_of = TEMPLATE_FIELDS[task_kind]
+    checks = [("query_template", query_template, set(fields_of["query"]))]
+    if vlm_kind == "causal_lm":
+        checks.insert(0, ("icd_template", icd_template, set(fields_of["demo"])))
+    problems = []
+    for key, template, names in checks:
+        problem = _template_problem(template, names, names)
+        if problem:
+            problems.append(f"{key}: {problem}")
+    return problems
 
 
 @dataclass(kw_only=True)
@@ -184,20 +243,22 @@ class VlmSettings(Settings):
     batch_size: int = setting(16, help="sequences per forward pass when scoring or generating", ge=1)
     max_new_tokens: int = setting(10, help="generation length cap for answers", ge=1)
     instruction: str = setting("", help="text put before the demonstrations (qwen2_5_vl: the system prompt)")
-    icd_template: str = setting("Question: {question} Short answer: {answer}", help="one demonstration ({question}, {answer})")
-    query_template: str = setting("Question: {question} Short answer:", help="the query ({question}); the answer follows it")
+    icd_template: str = setting(
+        "Question: {question} Short answer: {answer}", help="one demonstration (VQA: {question}, {answer}; captioning: {caption})"
+    )
+    query_template: str = setting(
+        "Question: {question} Short answer:", help="the query (VQA: {question}; captioning: no placeholder); the answer / caption follows it"
+    )
     separator: str = setting("\n", help="between demonstrations and before the query (causal_lm)")
     score_eos: bool = setting(True, help="beam search also scores the end-of-answer token (EOS / <|im_end|>), as Lever-LM does")
     use_images: bool = setting(True, help="qwen2_5_vl: show each example's image (needs datasets.*_images)")
     max_pixels: Optional[int] = setting(None, help="qwen2_5_vl: image processor max_pixels (null: the processor's default)", ge=784)
 
     def extra_problems(self) -> Iterator[str]:
-        checks = (
-            ("icd_template", {"question", "answer"}, {"question", "answer"}),
-            ("query_template", {"question"}, {"question"}),
-        )
-        for key, allowed, required in checks:
-            problem = _template_problem(getattr(self, key), allowed, required)
+        # Placeholders of any task kind here; the dataset decides which kind's, exactly (icl.plan.dataset_problems).
+        for key, part in (("icd_template", "demo"), ("query_template", "query")):
+            allowed = {name for kind_fields in TEMPLATE_FIELDS.values() for name in kind_fields[part]}
+            problem = _template_problem(getattr(self, key), allowed, set())
             if problem:
                 yield f"{key}: {problem}"
         defaults = {f.name: f.default for f in fields(VlmSettings)}

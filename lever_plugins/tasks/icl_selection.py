@@ -37,17 +37,17 @@ from typing import Optional
 
 import torch
 
+from lever_plugins.checkpoints import read_torch_file
 from lever_plugins.icl.pipeline import IclPipeline
+from lever_plugins.icl.plan import cross_block_problems, selector_problems
 from lever_plugins.metrics.ranking import mrr, pointer_selection_metrics, topk_accuracy
+from lever_plugins.recipes import to_plain
 from lever_plugins.runners import distributed as lever_dist
 from lever_plugins.schema import RecipeError, from_mapping
-from lever_plugins.schemas.icl import IclSelectionRunSettings, VqaIclDatasetSettings
-from lever_plugins.tasks.base import LeverTask, model_device, to_plain
+from lever_plugins.schemas.icl import ICL_DATASETS, IclSelectionRunSettings
+from lever_plugins.tasks.base import LeverTask, model_device
 
 logger = logging.getLogger(__name__)
-
-DATASET_NAME = "lever_vqa_icl"
-
 
 class IclSelectionTask(LeverTask):
     settings_cls = IclSelectionRunSettings
@@ -62,10 +62,12 @@ class IclSelectionTask(LeverTask):
         """The :class:`IclPipeline` of this recipe (fills ``features_dir`` / ``beam_dir`` into ``cfg``)."""
         datasets_cfg = cfg.datasets_cfg
         names = list(datasets_cfg)
-        if names != [DATASET_NAME]:
-            raise RecipeError([f"datasets: task lever_icl_selection reads exactly one dataset, {DATASET_NAME}; got {names}"])
+        if len(names) != 1 or names[0] not in ICL_DATASETS:
+            raise RecipeError([f"datasets: task lever_icl_selection reads exactly one dataset, one of {', '.join(ICL_DATASETS)}; "
+                               f"got {names}"])
+        name = names[0]
         problems: list[str] = []
-        data = from_mapping(VqaIclDatasetSettings, to_plain(datasets_cfg[DATASET_NAME]) or {}, f"datasets.{DATASET_NAME}", problems)
+        data = from_mapping(ICL_DATASETS[name], to_plain(datasets_cfg[name]) or {}, f"datasets.{name}", problems)
         if problems:
             raise RecipeError(problems)
         output_dir = os.path.abspath(os.path.expanduser(str(cfg.run_cfg.output_dir)))
@@ -76,17 +78,16 @@ class IclSelectionTask(LeverTask):
             self.settings, data, output_dir, rank=lever_dist.rank(), world_size=lever_dist.world_size(),
             barrier=lever_dist.barrier, device=device,
         )
-        datasets_cfg[DATASET_NAME]["features_dir"] = pipeline.features_dir
-        datasets_cfg[DATASET_NAME]["beam_dir"] = pipeline.beam_dir
+        datasets_cfg[name]["features_dir"] = pipeline.features_dir
+        datasets_cfg[name]["beam_dir"] = pipeline.beam_dir
         return pipeline
 
     def build_datasets(self, cfg):
-        from lever_plugins.icl.plan import cross_block_problems
         from lever_plugins.models.pointer_selector import settings_from_block
 
         # Before any stage runs: a K / shot_num / width mismatch found after hours of beam search is no use.
         model = settings_from_block(cfg.model_cfg).to_dict()
-        problems = cross_block_problems({"model": model, "run": self.settings.to_dict()})
+        problems = cross_block_problems({"model": model, "run": self.settings.to_dict(), "datasets": to_plain(cfg.datasets_cfg)})
         if problems:
             raise RecipeError(problems)
         pipeline = self.pipeline = self.make_pipeline(cfg)
@@ -111,19 +112,13 @@ class IclSelectionTask(LeverTask):
 
     def _check_model(self, model) -> None:
         settings = model.settings
-        pool_size = self.settings.beam_search.pool_size
-        problems = []
-        if settings.K != pool_size:
-            problems.append(f"model.K: {settings.K} must equal run.beam_search.pool_size ({pool_size}), the candidates per query")
+        problems = selector_problems(settings.to_dict(), self.settings.to_dict())
         manifest_path = os.path.join(self.pipeline.features_dir, "manifest.json") if self.pipeline else None
         if manifest_path and os.path.isfile(manifest_path):
             with open(manifest_path, encoding="utf-8") as handle:
                 dim = json.load(handle).get("dim")
             if dim is not None and dim != settings.d_model:
                 problems.append(f"model.d_model: {settings.d_model} must equal the feature width {dim} ({manifest_path})")
-        shots = max(self.settings.evaluation.shots)
-        if "pointer" in self.settings.evaluation.methods and shots > settings.shot_num:
-            problems.append(f"model.shot_num: {settings.shot_num} is fewer than the {shots} shots run.evaluation.shots asks for")
         if problems:
             raise RecipeError(problems)
 
@@ -203,7 +198,7 @@ class IclSelectionTask(LeverTask):
             if "pointer" in self.settings.evaluation.methods:
                 path, weights = self._selector_weights(runner)
                 model = runner.unwrap_dist_model(runner.model)
-                state = torch.load(path, map_location="cpu", weights_only=True)
+                state = read_torch_file(path)
                 model.load_state_dict(state["model"] if "model" in state else state)
                 model.eval()
                 selector = model.selector
