@@ -272,8 +272,8 @@ def resolve_dataset_block(name: str, block: Optional[Mapping], problems: list[st
 def cross_block_problems_of_config(cfg: Any, run: Mapping) -> list[str]:
     """The run task's checks across blocks (its catalogue ``cross_check``) on a LAVIS config, whose
     ``model:`` and ``datasets:`` blocks may lack the preset and default keys (LAVIS's own ``train.py``
-    never resolves a recipe); ``run`` is the validated ``run:`` block. Problems of a single block are
-    left to the builders."""
+    never resolves a recipe); ``run`` is the validated ``run:`` block. A block's own problems come first
+    (the cross-check needs valid blocks)."""
     problems: list[str] = []
     data: dict = {"run": dict(run), "datasets": {}}
     model = resolve_model_block(dict(to_plain(cfg.model_cfg)), problems)
@@ -282,7 +282,7 @@ def cross_block_problems_of_config(cfg: Any, run: Mapping) -> list[str]:
         if settings is not None and dataclasses.is_dataclass(settings):
             data["datasets"][name] = settings.to_dict()
     if problems or model is None:
-        return []
+        return problems
     data["model"] = model.to_dict()
     return catalog.get_plugin("task", data["run"]["task"]).cross_block_problems(data)
 

@@ -273,6 +273,8 @@ def _toy_model_params():
 @pytest.mark.parametrize("task_name, recipe, breaks, expected", [
     ("toy_regression", {"model": {"arch": "toy_regressor", "model_type": "tiny"}, "datasets": {"toy_numbers": {"input_dim": 5}}},
      {}, "datasets.toy_numbers.input_dim: 5 features, but model.input_dim is 6"),
+    ("toy_regression", {"model": {"arch": "toy_regressor", "model_type": "tiny", "widht": 8}, "datasets": {"toy_numbers": {}}},
+     {}, r"model.widht: unknown key \(did you mean 'width'\?\)"),  # a block's own problem comes first
     ("lever_composed_retrieval", {"model": {"arch": "lever_blip2_cir", "model_type": "tiny", "use_gated_fusion": True,
                                             "gated_fusion_lr_scale": 10.0}, "datasets": {}},
      {"lr_sched": "linear_warmup_cosine_lr"}, "model.gated_fusion_lr_scale=10.0 needs run.lr_sched"),

@@ -39,7 +39,7 @@ import torch
 
 from lever_plugins.checkpoints import read_torch_file
 from lever_plugins.icl.pipeline import IclPipeline
-from lever_plugins.icl.plan import cross_block_problems, selector_problems
+from lever_plugins.icl.plan import selector_problems
 from lever_plugins.metrics.ranking import mrr, pointer_selection_metrics, topk_accuracy
 from lever_plugins.recipes import to_plain
 from lever_plugins.runners import distributed as lever_dist
@@ -83,11 +83,11 @@ class IclSelectionTask(LeverTask):
         return pipeline
 
     def build_datasets(self, cfg):
-        from lever_plugins.models.pointer_selector import settings_from_block
+        from lever_plugins.recipes import cross_block_problems_of_config
 
-        # Before any stage runs: a K / shot_num / width mismatch found after hours of beam search is no use.
-        model = settings_from_block(cfg.model_cfg).to_dict()
-        problems = cross_block_problems({"model": model, "run": self.settings.to_dict(), "datasets": to_plain(cfg.datasets_cfg)})
+        # Before any stage runs (they run here, before build_model): a K / shot_num / width mismatch found
+        # after hours of beam search is no use.
+        problems = cross_block_problems_of_config(cfg, self.settings.to_dict())
         if problems:
             raise RecipeError(problems)
         pipeline = self.pipeline = self.make_pipeline(cfg)
@@ -111,6 +111,7 @@ class IclSelectionTask(LeverTask):
         return model
 
     def _check_model(self, model) -> None:
+        # the built model against the run (also when the stages were skipped) and the embed stage's output
         settings = model.settings
         problems = selector_problems(settings.to_dict(), self.settings.to_dict())
         manifest_path = os.path.join(self.pipeline.features_dir, "manifest.json") if self.pipeline else None
