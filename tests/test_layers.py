@@ -1,8 +1,9 @@
 """Which way imports go between the folders of ``lever_plugins`` (read from the source, nothing imported).
 
 Every ``import`` / ``from ... import`` of every module counts, those inside functions included: a
-lazy import is still a dependency. The folders must form a graph without cycles; ``datasets/`` is
-the data layer below the plugin pipelines and tasks, and ``modules/`` is pure torch.
+lazy import is still a dependency. The folders and top-level modules must form a graph without
+cycles; ``datasets/`` is the data layer below the plugin pipelines and tasks, ``modules/`` is pure
+torch, and the validation layer (schema, schemas, catalog, recipes) imports no torch at all.
 """
 from __future__ import annotations
 
@@ -39,11 +40,14 @@ def imported_names(path: Path) -> list[tuple[str, int]]:
 
 
 def folder_of(module: str) -> str | None:
-    """The sub-package (folder) of ``lever_plugins`` a module belongs to; None for top-level modules and others."""
+    """The node of ``lever_plugins`` a module belongs to: its sub-package (folder), or the top-level module
+    itself (``checkpoints``, ``recipes``, ...); None for the package itself and for other packages."""
     parts = module.split(".")
-    if parts[0] != "lever_plugins" or len(parts) < 2 or not (PACKAGE / parts[1]).is_dir():
+    if parts[0] != "lever_plugins" or len(parts) < 2:
         return None
-    return parts[1]
+    if (PACKAGE / parts[1]).is_dir() or (PACKAGE / f"{parts[1]}.py").is_file():
+        return parts[1]
+    return None
 
 
 def folder_imports() -> dict[str, dict[str, list[str]]]:
@@ -99,6 +103,24 @@ def test_import_parser_sees_lazy_and_relative_imports(tmp_path, monkeypatch):
     assert set(edges["icl"]) == {"datasets"} and set(edges["datasets"]) == {"icl"}
     assert edges["icl"]["datasets"] == ["lever_plugins/icl/a.py:2"]
     assert find_cycle(edges) == ["datasets", "icl", "datasets"]
+
+
+PURE_PYTHON = ("schema", "schemas", "catalog", "recipes", "io", "run_dir")  # what `validate` / `--dry-run` import
+
+
+@pytest.mark.parametrize("node", PURE_PYTHON)
+def test_the_validation_layer_imports_no_torch_and_nothing_above_it(node):
+    """``lever-plugins validate`` stays fast: its modules import neither torch, LAVIS nor transformers (not even
+    lazily) and nothing of lever_plugins outside this layer."""
+    paths = sorted((PACKAGE / node).rglob("*.py")) if (PACKAGE / node).is_dir() else [PACKAGE / f"{node}.py"]
+    offending = [
+        f"{path.relative_to(PACKAGE.parent)}:{line} imports {name}"
+        for path in paths
+        for name, line in imported_names(path)
+        if name.split(".")[0] in ("torch", "lavis", "transformers", "timm")
+        or (folder_of(name) is not None and folder_of(name) not in PURE_PYTHON)
+    ]
+    assert not offending, "\n".join(offending)
 
 
 def test_folder_graph_has_no_cycle():
