@@ -13,8 +13,8 @@ Pure Python: no torch, no LAVIS, so ``lever-plugins validate`` stays fast.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import difflib
+import functools
 import os
 import re
 import types
@@ -179,7 +179,7 @@ def _type_hints(cls: type) -> dict:
 
 
 class Settings:
-    """Base for settings dataclasses: bounds are enforced at construction.
+    """Base for settings dataclasses: types, choices and bounds are enforced at construction, as for a recipe.
 
     Subclasses may override :meth:`extra_problems` for checks that involve several fields; each
     problem is ``"key: message"``.
