@@ -292,3 +292,31 @@ def test_the_tasks_cross_check_runs_before_building_on_lavis_own_path(task_name,
     task = task_cls.setup_task(cfg)
     with pytest.raises(RecipeError, match=expected):
         task.build_model(cfg)
+
+
+STUB_MODEL = object()  # what the stubbed LAVIS build_model returns
+
+
+@pytest.mark.lavis
+def test_the_cross_check_runs_once_per_config(tmp_path, monkeypatch):
+    """A task that checks early (the ICL task, before its stages) does not pay for it again in build_model."""
+    from lavis.tasks.base_task import BaseTask
+    from omegaconf import OmegaConf
+
+    from lever_plugins import recipes
+
+    monkeypatch.setattr(BaseTask, "build_model", lambda self, cfg: STUB_MODEL)  # the toy is not in LAVIS's registry here
+    calls = []
+    real = recipes.cross_block_problems_of_config
+    monkeypatch.setattr(recipes, "cross_block_problems_of_config", lambda cfg, run: calls.append(cfg) or real(cfg, run))
+    task_cls = catalog.get_plugin("task", "toy_regression").load()
+    cfg = OmegaConf.create({"run_cfg": {"task": "toy_regression", "output_dir": str(tmp_path)},
+                            "model_cfg": {"arch": "toy_regressor", "model_type": "tiny"},
+                            "datasets_cfg": {"toy_numbers": {}}})
+    task = task_cls.setup_task(cfg)
+    task.check_across_blocks(cfg)
+    assert task.build_model(cfg) is STUB_MODEL
+    assert len(calls) == 1
+    other = OmegaConf.create(OmegaConf.to_container(cfg))
+    task.check_across_blocks(other)  # another config is checked again
+    assert len(calls) == 2

@@ -88,15 +88,21 @@ class LeverTask(BaseTask):
     def after_training(self, runner) -> None:
         """Called once on the main process after training and testing (e.g. to draw figures)."""
 
-    def build_model(self, cfg):
-        # The task's checks across blocks run here too, before a model that may take minutes to load:
-        # LAVIS's own train.py never runs `lever-plugins validate`.
-        if self.settings is not None:
-            from lever_plugins.recipes import cross_block_problems_of_config
+    def check_across_blocks(self, cfg) -> None:
+        """The task's catalogue cross-check on LAVIS config ``cfg`` (LAVIS's own train.py never runs
+        `lever-plugins validate`), once per config: before the model is built, or earlier by a task whose
+        datasets already do long work."""
+        if self.settings is None or getattr(self, "_checked_config", None) is cfg:
+            return
+        from lever_plugins.recipes import cross_block_problems_of_config
 
-            problems = cross_block_problems_of_config(cfg, self.settings.to_dict())
-            if problems:
-                raise RecipeError(problems)
+        problems = cross_block_problems_of_config(cfg, self.settings.to_dict())
+        if problems:
+            raise RecipeError(problems)
+        self._checked_config = cfg
+
+    def build_model(self, cfg):
+        self.check_across_blocks(cfg)  # before a model that may take minutes to load
         model = super().build_model(cfg)
         if hasattr(model, "gather_negatives") and self.settings is not None:
             model.gather_negatives = self.settings.gather_negatives  # run.gather_negatives

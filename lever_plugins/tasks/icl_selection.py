@@ -38,6 +38,8 @@ from typing import Optional
 import torch
 
 from lever_plugins.checkpoints import read_torch_file
+from lever_plugins.icl.data import read_json
+from lever_plugins.icl.embed import MANIFEST
 from lever_plugins.icl.pipeline import IclPipeline
 from lever_plugins.icl.plan import selector_problems
 from lever_plugins.metrics.ranking import mrr, pointer_selection_metrics, topk_accuracy
@@ -83,13 +85,9 @@ class IclSelectionTask(LeverTask):
         return pipeline
 
     def build_datasets(self, cfg):
-        from lever_plugins.recipes import cross_block_problems_of_config
-
         # Before any stage runs (they run here, before build_model): a K / shot_num / width mismatch found
         # after hours of beam search is no use.
-        problems = cross_block_problems_of_config(cfg, self.settings.to_dict())
-        if problems:
-            raise RecipeError(problems)
+        self.check_across_blocks(cfg)
         pipeline = self.pipeline = self.make_pipeline(cfg)
         stages = self.settings.stages
         pipeline.prepare_data()
@@ -114,10 +112,9 @@ class IclSelectionTask(LeverTask):
         # the built model against the run (also when the stages were skipped) and the embed stage's output
         settings = model.settings
         problems = selector_problems(settings.to_dict(), self.settings.to_dict())
-        manifest_path = os.path.join(self.pipeline.features_dir, "manifest.json") if self.pipeline else None
+        manifest_path = os.path.join(self.pipeline.features_dir, MANIFEST) if self.pipeline else None
         if manifest_path and os.path.isfile(manifest_path):
-            with open(manifest_path, encoding="utf-8") as handle:
-                dim = json.load(handle).get("dim")
+            dim = read_json(manifest_path, "embed manifest").get("dim")
             if dim is not None and dim != settings.d_model:
                 problems.append(f"model.d_model: {settings.d_model} must equal the feature width {dim} ({manifest_path})")
         if problems:
